@@ -1,0 +1,67 @@
+"""Contrastive loss over all pairs of a batch (Hadsell, Chopra & LeCun 2006)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from mlx_jax import _checks, reductions
+from mlx_jax.distances import safe_sqrt, squared_euclidean
+from mlx_jax.losses._common import prepare_batch, reduce_pair_terms
+
+
+def contrastive_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    margin: float = 1.0,
+    squared: bool = True,
+    pos_margin: float = 0.0,
+    neg_margin: float | None = None,
+    balance: Literal["pairs", "pos_neg"] = "pairs",
+    weights: jax.Array | None = None,
+    reduction: reductions.Reduction = "mean",
+) -> jax.Array:
+    """Contrastive loss over every ordered pair (i, j), i != j, of the batch.
+
+    With D = ‖x_i − x_j‖₂ and Y = 0 for a same-class pair, 1 otherwise:
+
+    * ``squared=True`` (Hadsell et al. 2006, Eq. 4, the default)::
+
+        L(i, j) = (1 − Y)·½·D² + Y·½·max(0, m − D)²
+
+    * ``squared=False`` (pytorch-metric-learning's ``ContrastiveLoss``)::
+
+        L(i, j) = (1 − Y)·max(0, D − pos_margin) + Y·max(0, neg_margin − D)
+
+    Args:
+      embeddings: [B, D] float (any float dtype; computed in at least float32).
+      labels: [B] int class ids.
+      margin: m of Hadsell et al.; default 1.0 (their experiments, and PML's ``neg_margin``).
+      squared: paper form (True) or PML's non-squared hinges (False).
+      pos_margin: PML's positive margin (only with ``squared=False``); PML default 0.
+      neg_margin: PML's negative margin (only with ``squared=False``); defaults to ``margin``.
+      balance: ``"pairs"`` averages over all pairs together; ``"pos_neg"`` reduces positive
+        and negative pairs separately and adds the two (PML's convention).
+      weights: optional [B] per-sample weights; a pair's weight is its first sample's weight,
+        and zero-weight samples are excluded from every pair.
+      reduction: see :mod:`mlx_jax.reductions`; PML's default is ``"mean_nonzero"``.
+        ``"none"`` returns the [B, B] matrix of weighted pair losses.
+
+    Returns:
+      float32 scalar (or [B, B] for ``reduction="none"``).
+    """
+    batch = prepare_batch(embeddings, labels, weights)
+    _checks.non_negative(margin, "margin")
+    squared_distance = squared_euclidean(batch.embeddings)
+    distance = safe_sqrt(squared_distance)
+    if squared:
+        positive_terms = 0.5 * squared_distance
+        negative_terms = 0.5 * jnp.square(jax.nn.relu(margin - distance))
+    else:
+        neg_margin = margin if neg_margin is None else neg_margin
+        positive_terms = jax.nn.relu(distance - pos_margin)
+        negative_terms = jax.nn.relu(neg_margin - distance)
+    return reduce_pair_terms(positive_terms, negative_terms, batch, reduction, balance)

@@ -1,0 +1,187 @@
+"""Label masks and triplet mining: pure functions of (distance matrix, labels).
+
+Conventions. ``distances`` is a [B, B] matrix where *smaller is closer* (pass ``-similarity``
+for a similarity). ``labels`` is [B] integer. ``valid`` is an optional [B] bool array: a sample
+that is not valid (padding, another shard's dummy) is never an anchor, positive or negative.
+
+Miners (FaceNet, Schroff et al. 2015, Sec. 3.2; Hermans et al. 2017 for batch-hard):
+
+* :func:`batch_hard` — per anchor, the farthest positive and the closest negative.
+* :func:`semihard_negatives` — FaceNet semi-hard: per anchor-positive pair, the *closest*
+  negative that is farther than the positive (d_an > d_ap). When no such negative exists the
+  pair falls back, by default, to the anchor's *farthest* negative — the choice of the reference
+  TensorFlow implementation (``tf.contrib.losses.metric_learning.triplet_semihard_loss``,
+  later ``tfa.losses.TripletSemiHardLoss``); ``fallback="drop"`` drops the pair instead.
+  Cost: one sort of each anchor's negative distances and a ``searchsorted`` of its positive
+  distances — O(B² log B) time, O(B²) memory (TFA tiles a B×B×B tensor).
+* :class:`SortedNegatives` / :func:`negatives_in_interval` — per anchor-positive pair, the count
+  and the distance sum of negatives whose distance lies in an interval, from prefix sums over the
+  sorted negatives. Hinge losses summed over *all* negatives, or over PML's semi-hard band
+  0 < d_an − d_ap ≤ margin, follow in O(B² log B) without enumerating triplets.
+* :func:`triplet_mask` — the explicit [B, B, B] mask of valid triplets (small batches, tests).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def valid_or_all(valid: jax.Array | None, batch: int) -> jax.Array:
+    return jnp.ones((batch,), bool) if valid is None else valid.astype(bool)
+
+
+def pair_masks(labels: jax.Array, valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Positive and negative pair masks, both [B, B] bool.
+
+    positive[i, j] = (y_i == y_j) and i != j; negative[i, j] = y_i != y_j; both require samples
+    i and j to be valid.
+    """
+    batch = labels.shape[0]
+    valid = valid_or_all(valid, batch)
+    both_valid = valid[:, None] & valid[None, :]
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~jnp.eye(batch, dtype=bool) & both_valid
+    negative = ~same & both_valid
+    return positive, negative
+
+
+def triplet_mask(labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """[B, B, B] bool: mask[a, p, n] = (p is a positive of a) and (n is a negative of a)."""
+    positive, negative = pair_masks(labels, valid)
+    return positive[:, :, None] & negative[:, None, :]
+
+
+class BatchHardTriplets(NamedTuple):
+    """One triplet per anchor: indices [B] int32 and ``valid`` [B] bool."""
+
+    positive: jax.Array
+    negative: jax.Array
+    valid: jax.Array
+
+
+def batch_hard(
+    distances: jax.Array, labels: jax.Array, valid: jax.Array | None = None
+) -> BatchHardTriplets:
+    """Batch-hard mining (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss").
+
+    For every anchor a: p* = argmax_{p: y_p = y_a, p != a} d(a, p) and
+    n* = argmin_{n: y_n != y_a} d(a, n). An anchor without a positive or without a negative is
+    marked invalid (its indices point at itself and must be ignored).
+    """
+    positive, negative = pair_masks(labels, valid)
+    own = jnp.arange(labels.shape[0])
+    hardest_positive = jnp.argmax(jnp.where(positive, distances, -jnp.inf), axis=1)
+    hardest_negative = jnp.argmin(jnp.where(negative, distances, jnp.inf), axis=1)
+    has_both = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
+    return BatchHardTriplets(
+        positive=jnp.where(has_both, hardest_positive, own).astype(jnp.int32),
+        negative=jnp.where(has_both, hardest_negative, own).astype(jnp.int32),
+        valid=has_both,
+    )
+
+
+class SortedNegatives(NamedTuple):
+    """Each anchor's negative distances in ascending order, with prefix sums.
+
+    Fields (B anchors, B candidates):
+      keys: [B, B] ascending distances, +inf after the anchor's last negative.
+      order: [B, B] int32 batch index of each sorted entry.
+      count: [B] int32 number of negatives of each anchor.
+      cumulative_distance: [B, B + 1] prefix sums of the sorted negative distances
+        (``cumulative_distance[a, k]`` = sum of the k closest); differentiable in ``distances``.
+    """
+
+    keys: jax.Array
+    order: jax.Array
+    count: jax.Array
+    cumulative_distance: jax.Array
+
+
+def sort_negatives(distances: jax.Array, negative: jax.Array) -> SortedNegatives:
+    """Sorts each anchor's negatives once; the basis of semi-hard and interval mining."""
+    keys_unsorted = jnp.where(negative, jax.lax.stop_gradient(distances), jnp.inf)
+    order = jnp.argsort(keys_unsorted, axis=1).astype(jnp.int32)
+    keys = jnp.take_along_axis(keys_unsorted, order, axis=1)
+    count = jnp.sum(negative, axis=1, dtype=jnp.int32)
+    sorted_distances = jnp.take_along_axis(jnp.where(negative, distances, 0.0), order, axis=1)
+    zeros = jnp.zeros((distances.shape[0], 1), distances.dtype)
+    cumulative = jnp.concatenate([zeros, jnp.cumsum(sorted_distances, axis=1)], axis=1)
+    return SortedNegatives(keys, order, count, cumulative)
+
+
+Side = Literal["left", "right"]
+
+
+def rank_in_negatives(sorted_negatives: SortedNegatives, thresholds: jax.Array, side: Side):
+    """Per anchor row a and threshold t[a, k]: the number of negatives with d < t ("left") or
+    d <= t ("right"). ``thresholds`` is [B, K]; returns [B, K] int32."""
+
+    def one_row(keys, row_thresholds):
+        return jnp.searchsorted(keys, row_thresholds, side=side, method="sort")
+
+    ranks = jax.vmap(one_row)(sorted_negatives.keys, jax.lax.stop_gradient(thresholds))
+    return jnp.minimum(ranks, sorted_negatives.count[:, None]).astype(jnp.int32)
+
+
+def negatives_in_interval(
+    sorted_negatives: SortedNegatives,
+    low: jax.Array,
+    high: jax.Array,
+    *,
+    low_side: Side = "right",
+    high_side: Side = "right",
+) -> tuple[jax.Array, jax.Array]:
+    """Count and distance sum of each anchor's negatives with ``low < d <= high``.
+
+    ``low``/``high`` are [B, K] (K thresholds per anchor, e.g. one per positive). With the
+    default sides the interval is (low, high]; ``low_side="left"`` makes it [low, high] and
+    ``high_side="left"`` makes the top open. Returns (count [B, K] float, distance_sum [B, K]).
+    """
+    start = rank_in_negatives(sorted_negatives, low, low_side)
+    stop = jnp.maximum(rank_in_negatives(sorted_negatives, high, high_side), start)
+    cumulative = sorted_negatives.cumulative_distance
+    distance_sum = jnp.take_along_axis(cumulative, stop, axis=1) - jnp.take_along_axis(
+        cumulative, start, axis=1
+    )
+    return (stop - start).astype(cumulative.dtype), distance_sum
+
+
+SemihardFallback = Literal["farthest", "drop"]
+
+
+def semihard_negatives(
+    distances: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array | None = None,
+    *,
+    fallback: SemihardFallback = "farthest",
+) -> tuple[jax.Array, jax.Array]:
+    """FaceNet semi-hard negatives for every anchor-positive pair, without a B×B×B tensor.
+
+    negative[a, p] = argmin_{n: y_n != y_a, d(a, n) > d(a, p)} d(a, n)   (Schroff et al. 2015,
+    Eq. 4's "semi-hard" condition d_ap < d_an). If no negative is farther than the positive:
+    ``fallback="farthest"`` uses argmax_n d(a, n) (TF's reference implementation),
+    ``fallback="drop"`` marks the pair invalid.
+
+    Returns:
+      negative: [B, B] int32 batch index (meaningless where not ``valid``).
+      valid: [B, B] bool, True for positive pairs (a, p) that have a selected negative.
+    """
+    if fallback not in ("farthest", "drop"):
+        raise ValueError(f"fallback must be 'farthest' or 'drop', got {fallback!r}")
+    positive, negative = pair_masks(labels, valid)
+    sorted_negatives = sort_negatives(distances, negative)
+    # Index of the first negative strictly farther than d(a, p).
+    first_farther = rank_in_negatives(sorted_negatives, distances, "right")
+    count = sorted_negatives.count[:, None]
+    found = first_farther < count
+    farthest = jnp.maximum(count - 1, 0)
+    slot = jnp.where(found, first_farther, farthest)
+    selected = jnp.take_along_axis(sorted_negatives.order, slot, axis=1)
+    pair_valid = positive & (count > 0)
+    if fallback == "drop":
+        pair_valid = pair_valid & found
+    return selected, pair_valid

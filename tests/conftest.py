@@ -1,0 +1,5 @@
+import hypothesis
+
+# JIT compilation makes first examples slow; deadlines would flake on a loaded 2-core machine.
+hypothesis.settings.register_profile("default", deadline=None, max_examples=15)
+hypothesis.settings.load_profile("default")
