@@ -1,0 +1,99 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlx_jax.distances import pairwise_distances
+from tests.helpers import assert_finite_value_and_grad, check_grads_x64
+
+
+def reference(x, y, metric):
+    out = np.zeros((len(x), len(y)))
+    for i in range(len(x)):
+        for j in range(len(y)):
+            a, b = np.asarray(x[i], np.float64), np.asarray(y[j], np.float64)
+            if metric == "cosine":
+                na, nb = np.linalg.norm(a), np.linalg.norm(b)
+                out[i, j] = a @ b / (max(na, 1e-12) * max(nb, 1e-12))
+            else:
+                d2 = np.sum((a - b) ** 2)
+                out[i, j] = d2 if metric == "squared_euclidean" else np.sqrt(d2)
+    return out
+
+
+METRICS = ["squared_euclidean", "euclidean", "cosine"]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_reference(metric):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5)).astype(np.float32)
+    y = rng.normal(size=(4, 5)).astype(np.float32)
+    np.testing.assert_allclose(
+        pairwise_distances(x, y, metric=metric), reference(x, y, metric), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        pairwise_distances(x, metric=metric), reference(x, x, metric), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_self_distance_diagonal_is_exactly_zero():
+    x = np.random.default_rng(1).normal(size=(9, 3)).astype(np.float32) * 100
+    for metric in ["squared_euclidean", "euclidean"]:
+        assert np.all(np.diag(np.asarray(pairwise_distances(x, metric=metric))) == 0.0)
+
+
+def test_clamped_non_negative_for_near_duplicates():
+    x = np.ones((4, 16), np.float32) * 1000
+    x[1] += 1e-4
+    d = np.asarray(pairwise_distances(x, x + 0.0, metric="squared_euclidean"))
+    assert (d >= 0).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradients(metric):
+    x = np.random.default_rng(2).normal(size=(5, 3))
+    check_grads_x64(lambda a: jnp.sum(jnp.sin(pairwise_distances(a, metric=metric))), x)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_zero_and_duplicate_rows_have_finite_gradients(metric):
+    x = np.zeros((4, 3), np.float32)
+    x[2] = x[3] = 1.0
+    assert_finite_value_and_grad(lambda a: jnp.sum(pairwise_distances(a, metric=metric)), x)
+    assert_finite_value_and_grad(
+        lambda a: jnp.sum(pairwise_distances(a, a[::-1], metric=metric)), x
+    )
+
+
+def test_cosine_of_zero_vector_is_zero():
+    x = np.array([[0.0, 0.0], [1.0, 0.0]], np.float32)
+    s = np.asarray(pairwise_distances(x, metric="cosine"))
+    np.testing.assert_allclose(s, [[0.0, 0.0], [0.0, 1.0]], atol=1e-7)
+
+
+class TestVariants(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jit_and_eager_agree(self):
+        x = np.random.default_rng(3).normal(size=(6, 4)).astype(np.float32)
+        for metric in METRICS:
+            out = self.variant(lambda a, m=metric: pairwise_distances(a, metric=m))(x)
+            np.testing.assert_allclose(out, reference(x, x, metric), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_input_computes_in_float32():
+    x = jnp.ones((3, 2), jnp.bfloat16)
+    assert pairwise_distances(x).dtype == jnp.float32
+
+
+def test_bad_input():
+    x = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        pairwise_distances(x, metric="manhattan")
+    with pytest.raises(ValueError, match=r"y must have shape \[M, 2\]"):
+        jax.jit(pairwise_distances).lower(x, np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, dim\]"):
+        jax.jit(pairwise_distances).lower(np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        pairwise_distances(np.ones((3, 2), np.int32))
