@@ -1,12 +1,16 @@
 """Every loss of mlx_jax: pure functions of (embeddings, labels, explicit state) → scalar."""
 
 from mlx_jax.losses.center import center_loss, standalone_center_loss, standalone_center_loss_v2
+from mlx_jax.losses.circle import circle_loss
 from mlx_jax.losses.contrastive import contrastive_loss
+from mlx_jax.losses.siamese import siamese_cosine_loss
 from mlx_jax.losses.triplet import triplet_center_loss, triplet_loss
 
 __all__ = [
     "center_loss",
+    "circle_loss",
     "contrastive_loss",
+    "siamese_cosine_loss",
     "standalone_center_loss",
     "standalone_center_loss_v2",
     "triplet_center_loss",
