@@ -56,8 +56,8 @@ def test_batch_hard(squared, margin, seed):
         loss_fn = losses.TripletMarginLoss(margin=margin, distance=dist, reducer=reducer)
         theirs = pml_value_and_grad(loss_fn, miners.BatchHardMiner(distance=dist), x, y)
         ours = ours_value_and_grad(
-            lambda e: triplet_loss(
-                e, y, margin=margin, mining="batch_hard", squared=squared, reduction=reduction
+            lambda e, r=reduction: triplet_loss(
+                e, y, margin=margin, mining="batch_hard", squared=squared, reduction=r
             ),
             x,
         )
@@ -78,8 +78,8 @@ def test_semihard_band(squared, margin, seed):
         loss_fn = losses.TripletMarginLoss(margin=margin, distance=dist, reducer=reducer)
         theirs = pml_value_and_grad(loss_fn, miner, x, y)
         ours = ours_value_and_grad(
-            lambda e: triplet_loss(
-                e, y, margin=margin, mining="semihard_band", squared=squared, reduction=reduction
+            lambda e, r=reduction: triplet_loss(
+                e, y, margin=margin, mining="semihard_band", squared=squared, reduction=r
             ),
             x,
         )
