@@ -135,7 +135,12 @@ def positive(value, name: str) -> None:
 
 
 def gather_rows(table: jax.Array, labels: jax.Array) -> jax.Array:
-    """``table[labels]`` where an out-of-range label gives NaN rows instead of clamping."""
+    """``table[labels]`` where an out-of-range label gives NaN rows instead of clamping.
+
+    JAX's ``fill`` mode only fills indices >= len(table); negative ones would wrap around
+    (−1 → last class), so they are moved out of range first.
+    """
+    labels = jnp.where(labels < 0, table.shape[0], labels)
     return jnp.take(table, labels, axis=0, mode="fill", fill_value=jnp.nan)
 
 

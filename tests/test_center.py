@@ -288,4 +288,5 @@ def test_out_of_range_label_under_jit_is_nan_not_clamped():
     x, y, c = batch_and_centers(0)
     bad = np.full_like(y, 7)
     assert np.isnan(float(jax.jit(center_loss)(x, bad, c)))
+    assert np.isnan(float(jax.jit(center_loss)(x, np.full_like(y, -1), c)))  # no wrap-around
     assert np.isnan(float(jax.jit(lambda *a: triplet_center_loss(*a, margin=1.0))(x, bad, c)))

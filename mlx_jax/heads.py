@@ -1,0 +1,77 @@
+"""Thin Flax NNX layers for users who want modules: they hold state, the math lives elsewhere.
+
+* :class:`ClassWeights` — the [D, C] class-weight matrix of the margin-softmax losses
+  (SphereFace/CosFace/ArcFace), an ``nnx.Param``; calling it gives cosine logits.
+* :class:`CenterStore` — class centers [C, D] kept as :class:`Centers`, a *non-parameter*
+  ``nnx.Variable``: ``nnx.Optimizer(..., wrt=nnx.Param)`` leaves them alone and
+  :meth:`CenterStore.update` moves them by the Center Loss α rule
+  (:func:`mlx_jax.centers.update_centers`). With ``trainable=True`` the centers are an
+  ``nnx.Param`` instead, trained by gradient (pytorch-center-loss's variant).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlx_jax.centers import update_centers
+from mlx_jax.losses.margin_softmax import cosine_logits
+
+
+class Centers(nnx.Variable):
+    """Class centers updated outside the gradient (the α rule); not an ``nnx.Param``."""
+
+
+class ClassWeights(nnx.Module):
+    """Class weights W [dim, num_classes] for margin-softmax losses.
+
+    Glorot-normal initialised; the losses normalize each column, so only directions matter.
+    """
+
+    def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.glorot_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (dim, num_classes), jnp.float32))
+
+    def __call__(self, embeddings: jax.Array) -> jax.Array:
+        """cos θ [B, C] between L2-normalized embeddings and L2-normalized class columns."""
+        return cosine_logits(embeddings, self.kernel[...])
+
+
+class CenterStore(nnx.Module):
+    """Class centers [num_classes, dim], zero-initialised as in Wen et al.'s Caffe layer
+    (``center_filler`` constant) unless ``rngs`` is given (then standard normal, as
+    pytorch-center-loss)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        trainable: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if rngs is None:
+            value = jnp.zeros((num_classes, dim), jnp.float32)
+        else:
+            value = jax.random.normal(rngs.params(), (num_classes, dim), jnp.float32)
+        self.trainable = trainable
+        self.centers = nnx.Param(value) if trainable else Centers(value)
+
+    def __call__(self) -> jax.Array:
+        return self.centers[...]
+
+    def update(
+        self,
+        embeddings: jax.Array,
+        labels: jax.Array,
+        alpha: float | jax.Array,
+        *,
+        weights: jax.Array | None = None,
+    ) -> None:
+        """Applies the α rule in place (Wen et al. 2016, Eq. 4). No-op for trainable centers."""
+        if self.trainable:
+            return
+        self.centers[...] = update_centers(
+            self.centers[...], embeddings, labels, alpha, weights=weights
+        )
