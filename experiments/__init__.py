@@ -1,0 +1,1 @@
+"""Runnable studies: one shared driver and thin per-dataset entry points."""

@@ -1,0 +1,8 @@
+"""`python -m experiments.cifar10 --loss LOSS`: see `--help` and experiments/driver.py."""
+
+import sys
+
+from experiments.driver import main
+
+if __name__ == "__main__":
+    sys.exit(main("cifar10"))

@@ -1,0 +1,655 @@
+"""One driver for every experiment: config → data → model → train loop → eval → plots/checkpoints.
+
+The train state is one explicit pytree (:class:`TrainState`): the NNX state of the model and its
+optimizer (parameters, PReLU slopes, BatchNorm statistics, class weights, centers, optimizer
+state and step), the global step, a health record for divergence, and the data-order seed. One
+jitted step does forward, loss, gradient, optimizer update and the centers' α update; it gathers
+its batch from device-resident data by an index table uploaded once per epoch, so nothing
+crosses between host and device inside an epoch except the progress bar's periodic read.
+
+A non-finite loss or gradient freezes the state at the last good step (no NaN is ever written
+into the weights); the host sees the flag at its next progress read and stops the run with the
+step, the last finite loss terms and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from experiments.models import EmbeddingModel, LeNetPlusPlus, SmallResNet
+from experiments.objectives import OBJECTIVES, LossConfig, Objective
+from mlx_jax import data as data_lib
+from mlx_jax import metrics, viz
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str
+    loss: str = "standalone"
+    feat_dim: int = 2
+    epochs: int = 20
+    batch_size: int = 128  # seed 001
+    lr: float = 0.01  # seed 001
+    momentum: float = 0.9  # pytorch-center-loss's SGD
+    weight_decay: float = 5e-4  # pytorch-center-loss's SGD
+    warmup_epochs: float = 0.5
+    clip_norm: float = 5.0
+    center_update: str = "alpha"  # or "sgd": centers as parameters (pytorch-center-loss)
+    center_lr: float = 0.5  # pytorch-center-loss's lr for centers
+    samples_per_class: int = 4
+    loss_config: LossConfig = LossConfig()
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    data_dir: str | None = None
+    limit: int | None = None
+    eval_train_limit: int = 10_000
+    knn_k: int = 5
+    width: int = 32
+    keep_checkpoints: int = 3
+    stop_after: int | None = None  # stop (as if killed) after this epoch; --resume continues
+    progress_every: int = 20
+    quiet: bool = False
+
+    @property
+    def objective(self) -> Objective:
+        return OBJECTIVES[self.loss]
+
+    def out_dir(self) -> pathlib.Path:
+        if self.out:
+            return pathlib.Path(self.out)
+        return pathlib.Path("runs") / f"{self.dataset}-{self.loss}-feat{self.feat_dim}"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        for run_only in ("resume", "quiet", "stop_after"):
+            d.pop(run_only)
+        return d
+
+
+def build_parser(dataset: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m experiments.{dataset}",
+        description=f"Train and evaluate a metric-learning loss on {dataset} (LeNet++ for "
+        "MNIST-likes, a small ResNet for CIFAR-10). Writes metrics (JSON lines), a summary, "
+        "feature plots and orbax checkpoints to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    losses_help = "; ".join(f"{k}: {o.help}" for k, o in OBJECTIVES.items())
+    p.add_argument("--loss", default="standalone", choices=list(OBJECTIVES), help=losses_help)
+    p.add_argument("--feat-dim", type=int, default=2, help="embedding dimension (seed 001: 2, 128)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (seed 001: 128)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (seed 001: 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=0.5,
+        help="linear warm-up length before cosine decay to 0",
+    )
+    p.add_argument(
+        "--clip-norm", type=float, default=5.0, help="clip gradients to this global norm"
+    )
+    p.add_argument("--weight-cent", type=float, default=1.0, help="λ of softmax + λ·center (cent)")
+    p.add_argument("--alpha", type=float, default=0.5, help="center learning rate α (Wen et al.)")
+    p.add_argument("--weight-intra", type=float, default=1.0, help="standalone: intra weight")
+    p.add_argument("--weight-inter", type=float, default=0.1, help="standalone: inter weight")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="loss margin (contrastive m, triplet α, triplet-center m, circle m, "
+        "CosFace/ArcFace m); default: the loss's own",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="loss scale (circle γ, CosFace/ArcFace s, SphereFace s); default: the loss's own",
+    )
+    p.add_argument(
+        "--mining",
+        default="semihard",
+        choices=["semihard", "batch_hard", "all", "semihard_band"],
+        help="triplet mining",
+    )
+    p.add_argument(
+        "--center-update",
+        default="alpha",
+        choices=["alpha", "sgd"],
+        help="alpha: Wen et al.'s α rule; sgd: centers as parameters (pytorch-center-loss, "
+        "SGD lr --center-lr, gradients scaled by 1/weight_cent)",
+    )
+    p.add_argument("--center-lr", type=float, default=0.5, help="lr of centers with sgd update")
+    p.add_argument(
+        "--samples-per-class",
+        type=int,
+        default=4,
+        help="pair/triplet losses: batches of batch_size/samples_per_class classes",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (init and data order)")
+    p.add_argument("--out", default=None, help="output directory (default runs/DATASET-LOSS-featD)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with IDX files or a TFDS data_dir (see mlx_jax.data for sources)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="use the first N examples per split")
+    p.add_argument(
+        "--eval-train-limit",
+        type=int,
+        default=10_000,
+        help="training examples embedded at evaluation (class means, kNN, plots)",
+    )
+    p.add_argument("--knn-k", type=int, default=5, help="k of the k-NN accuracy")
+    p.add_argument("--width", type=int, default=32, help="LeNet++ first-stage channels (paper 32)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this epoch (its checkpoint written), e.g. to time-box a session; "
+        "run again with --resume to continue",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    return p
+
+
+def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
+    args = build_parser(dataset).parse_args(argv)
+    positive = {
+        "--feat-dim": args.feat_dim,
+        "--epochs": args.epochs,
+        "--batch-size": args.batch_size,
+        "--samples-per-class": args.samples_per_class,
+        "--knn-k": args.knn_k,
+        "--width": args.width,
+        "--eval-train-limit": args.eval_train_limit,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
+    if args.lr <= 0:
+        raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
+    if OBJECTIVES[args.loss].balanced_batches and args.batch_size % args.samples_per_class:
+        raise SystemExit(
+            f"error: --batch-size ({args.batch_size}) must be a multiple of "
+            f"--samples-per-class ({args.samples_per_class}) for --loss {args.loss}"
+        )
+    loss_config = LossConfig(
+        weight_cent=args.weight_cent,
+        alpha=args.alpha,
+        weight_intra=args.weight_intra,
+        weight_inter=args.weight_inter,
+        margin=args.margin,
+        scale=args.scale,
+        mining=args.mining,
+    )
+    return Config(
+        dataset=dataset,
+        loss=args.loss,
+        feat_dim=args.feat_dim,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        clip_norm=args.clip_norm,
+        center_update=args.center_update,
+        center_lr=args.center_lr,
+        samples_per_class=args.samples_per_class,
+        loss_config=loss_config,
+        seed=args.seed,
+        out=args.out,
+        resume=args.resume,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        eval_train_limit=args.eval_train_limit,
+        knn_k=args.knn_k,
+        width=args.width,
+        quiet=args.quiet,
+        stop_after=args.stop_after,
+    )
+
+
+# ----------------------------------------------------------------------------- model and state
+
+
+def build_model(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> EmbeddingModel:
+    rngs = nnx.Rngs(cfg.seed)
+    channels = image_shape[-1]
+    if cfg.dataset == "cifar10":
+        backbone = SmallResNet(channels, cfg.feat_dim, rngs=rngs)
+    else:
+        backbone = LeNetPlusPlus(channels, cfg.feat_dim, width=cfg.width, rngs=rngs)
+    objective = cfg.objective
+    return EmbeddingModel(
+        backbone,
+        cfg.feat_dim,
+        num_classes,
+        classifier=objective.classifier,
+        class_weights=objective.class_weights,
+        centers=objective.centers,
+        trainable_centers=cfg.center_update == "sgd",
+        rngs=rngs,
+    )
+
+
+def _is_center_path(path) -> bool:
+    return any(getattr(k, "key", None) == "centers" for k in path)
+
+
+def build_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum, weight decay, warm-up + cosine decay, global-norm clipping.
+
+    Trainable centers (``--center-update sgd``) get their own plain SGD (pytorch-center-loss:
+    lr 0.5, gradients scaled by 1/weight_cent so λ does not change how fast centers move).
+    """
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 0), total)
+    net = optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.sgd(schedule, momentum=cfg.momentum, nesterov=True),
+    )
+    if not (cfg.objective.centers and cfg.center_update == "sgd"):
+        return net
+    center_scale = 1.0 / cfg.loss_config.weight_cent if cfg.loss == "cent" else 1.0
+    centers = optax.chain(optax.scale(center_scale), optax.sgd(cfg.center_lr))
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "centers" if _is_center_path(path) else "net", params
+        )
+
+    return optax.partition({"net": net, "centers": centers}, labels)
+
+
+@flax.struct.dataclass
+class Health:
+    """Divergence record, carried in the train state (all device scalars)."""
+
+    diverged: jax.Array  # bool: a non-finite loss or gradient was seen
+    bad_step: jax.Array  # int32: the first such step
+    last_good_step: jax.Array  # int32: the last step whose loss was finite
+    last_terms: dict[str, jax.Array]  # the loss terms at last_good_step
+
+
+@flax.struct.dataclass
+class TrainState:
+    graph: Any  # nnx.State of (model, optimizer)
+    step: jax.Array
+    health: Health
+
+
+def _term_names(objective: Objective) -> list[str]:
+    names = {
+        "xent": ["softmax"],
+        "cent": ["softmax", "center"],
+        "standalone": ["intra", "inter"],
+    }
+    return names.get(objective.name, [objective.name])
+
+
+def initial_state(graph, objective: Objective) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    health = Health(
+        diverged=jnp.zeros((), bool),
+        bad_step=zero - 1,
+        last_good_step=zero - 1,
+        last_terms={n: jnp.zeros((), jnp.float32) for n in _term_names(objective)},
+    )
+    return TrainState(graph=graph, step=zero, health=health)
+
+
+def make_train_step(cfg: Config, graphdef):
+    objective = cfg.objective
+    alpha_centers = objective.centers and cfg.center_update == "alpha"
+
+    def train_step(state: TrainState, images, labels, order, index):
+        idx = order[index]
+        x, y = images[idx], labels[idx]
+        model, optimizer = nnx.merge(graphdef, state.graph)
+
+        def loss_fn(model):
+            features = model(x)
+            terms = objective.terms(model, features, y, state.step, cfg.loss_config)
+            return sum(terms.values()), (features, terms)
+
+        (loss, (features, terms)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        if alpha_centers:
+            model.centers.update(features, y, cfg.loss_config.alpha)
+        new_graph = nnx.state((model, optimizer))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        ok = finite & ~state.health.diverged
+        graph = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_graph, state.graph)
+        h = state.health
+        health = Health(
+            diverged=h.diverged | ~finite,
+            bad_step=jnp.where(~finite & ~h.diverged, state.step, h.bad_step),
+            last_good_step=jnp.where(ok, state.step, h.last_good_step),
+            last_terms={k: jnp.where(ok, terms[k], h.last_terms[k]) for k in h.last_terms},
+        )
+        correct = _batch_correct(objective, model, features, y)
+        stats = jnp.stack([jnp.where(ok, loss, 0.0), correct, ok.astype(jnp.float32)])
+        return TrainState(graph=graph, step=state.step + ok, health=health), stats
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def _batch_correct(objective: Objective, model, features, labels) -> jax.Array:
+    """Correct predictions in the batch by the objective's scorer (NaN when it has none)."""
+    if objective.accuracy == "argmax":
+        scores = model.classifier(features)
+    elif objective.accuracy == "cosine":
+        scores = model.class_weights(features)
+    elif objective.accuracy == "centers":
+        c = model.centers()
+        scores = -jnp.sum((features[:, None, :] - c[None]) ** 2, axis=-1)
+    else:
+        return jnp.asarray(jnp.nan)
+    return jnp.sum(jnp.argmax(scores, axis=1) == labels).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_embed(graphdef, batch_size: int = 1000):
+    @jax.jit
+    def embed_chunk(graph, images):
+        model, _ = nnx.merge(graphdef, graph)
+        return model(images)
+
+    def embed(graph, images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pad = batch_size - len(chunk)
+            if pad:  # one compiled shape: pad the last chunk
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(embed_chunk(graph, chunk))[: batch_size - pad])
+        return np.concatenate(out)
+
+    return embed
+
+
+def evaluate(cfg: Config, model: EmbeddingModel, train_f, train_y, test_f, test_y, num_classes):
+    objective = cfg.objective
+    result: dict[str, float] = {}
+    if objective.classifier:
+        result["argmax_accuracy"] = metrics.argmax_accuracy(model.classifier(test_f), test_y)
+    if objective.class_weights:
+        result["cosine_accuracy"] = metrics.argmax_accuracy(model.class_weights(test_f), test_y)
+    if objective.centers:
+        result["center_accuracy"] = metrics.nearest_center_accuracy(test_f, test_y, model.centers())
+    means = metrics.class_means(train_f, train_y, num_classes)
+    result["class_mean_accuracy"] = metrics.nearest_center_accuracy(test_f, test_y, means)
+    result["knn_accuracy"] = metrics.knn_accuracy(test_f, test_y, train_f, train_y, k=cfg.knn_k)
+    retrieval = metrics.retrieval_metrics(test_f, test_y)
+    result["precision_at_1"] = retrieval["precision_at_1"]
+    result["map_at_r"] = retrieval["map_at_r"]
+    result["intra_inter_ratio"] = metrics.intra_inter_distance_ratio(test_f, test_y)
+    primary = {
+        "argmax": "argmax_accuracy",
+        "cosine": "cosine_accuracy",
+        "centers": "center_accuracy",
+        "class_means": "class_mean_accuracy",
+    }[objective.accuracy]
+    result["accuracy"] = result[primary]
+    return {k: float(v) for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _epoch_order(cfg: Config, labels: np.ndarray, epoch: int, steps: int) -> np.ndarray:
+    """[steps, batch] indices of one epoch, a pure function of (seed, epoch)."""
+    seed = cfg.seed * 100_003 + epoch
+    if cfg.objective.balanced_batches:
+        batches = data_lib.class_balanced_batches(
+            labels, cfg.batch_size, cfg.samples_per_class, seed, num_batches=steps
+        )
+        order = np.stack([np.asarray(b) for b in batches])
+    else:
+        permutation = np.random.default_rng(seed).permutation(len(labels))
+        order = permutation[: steps * cfg.batch_size].reshape(steps, cfg.batch_size)
+    return order.astype(np.int32)
+
+
+def _checkpoint_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+            ocp.checkpoint_managers.LatestN(keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["accuracy"], n=1),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+def _summary_table(rows: list[dict]) -> str:
+    keys = [
+        "epoch",
+        "loss",
+        "train_accuracy",
+        "accuracy",
+        "knn_accuracy",
+        "precision_at_1",
+        "map_at_r",
+        "intra_inter_ratio",
+        "seconds",
+    ]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(cfg: Config) -> dict:
+    """Trains and evaluates; returns the final summary (also written to OUT/summary.json)."""
+    out = cfg.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+    dataset = data_lib.load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+    log(
+        f"data: {dataset.source}: {len(dataset.train_labels)} train, "
+        f"{len(dataset.test_labels)} test"
+    )
+    num_classes = dataset.num_classes
+    steps = len(dataset.train_labels) // cfg.batch_size
+    if steps < 1:
+        raise SystemExit(
+            f"error: {len(dataset.train_labels)} training examples make no batch of "
+            f"{cfg.batch_size}; raise --limit or lower --batch-size"
+        )
+
+    model = build_model(cfg, dataset.train_images.shape[1:], num_classes)
+    optimizer = nnx.Optimizer(model, build_optimizer(cfg, steps), wrt=nnx.Param)
+    model.eval()
+    eval_graphdef, _ = nnx.split((model, optimizer))
+    model.train()
+    graphdef, graph = nnx.split((model, optimizer))
+    state = initial_state(graph, cfg.objective)
+
+    config_path = out / "config.json"
+    metrics_path = out / "metrics.jsonl"
+    manager = _checkpoint_manager(out / "checkpoints", cfg.keep_checkpoints)
+    start_epoch = 0
+    history: list[dict] = []
+    if cfg.resume and manager.latest_step() is not None:
+        saved = json.loads(config_path.read_text())
+        if saved != cfg.to_json():
+            diff = {k for k in saved if saved[k] != cfg.to_json().get(k)}
+            raise SystemExit(f"error: --resume with a different configuration ({sorted(diff)})")
+        latest = manager.latest_step()
+        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+        start_epoch = latest
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        history = [h for h in history if h["epoch"] <= latest]
+        log(f"resumed from epoch {latest} (step {int(state.step)})")
+    else:
+        for stale in [metrics_path]:
+            stale.unlink(missing_ok=True)
+    config_path.write_text(json.dumps(cfg.to_json(), indent=2))
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    train_step = make_train_step(cfg, graphdef)
+    embed = make_embed(eval_graphdef)
+    images = jnp.asarray(dataset.train_images)
+    labels = jnp.asarray(dataset.train_labels)
+    eval_n = min(cfg.eval_train_limit, len(dataset.train_labels))
+    frames: list[pathlib.Path] = sorted((out / "plots").glob("epoch_*.png"))
+    frames = [f for f in frames if int(f.stem.split("_")[1]) <= start_epoch]
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.time()
+        order = jnp.asarray(_epoch_order(cfg, dataset.train_labels, epoch, steps))
+        totals = jnp.zeros(3)
+        bar = tqdm(
+            range(steps),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=cfg.quiet,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i in bar:
+            state, stats = train_step(state, images, labels, order, i)
+            totals = totals + stats
+            if (i + 1) % cfg.progress_every == 0 or i + 1 == steps:
+                loss_sum, correct, good = (float(v) for v in totals)
+                if bool(state.health.diverged):
+                    bar.close()
+                    _report_divergence(cfg, state, manager, epoch)
+                acc = correct / max(good * cfg.batch_size, 1)
+                bar.set_postfix(
+                    loss=f"{loss_sum / max(good, 1):.4f}",
+                    **({} if math.isnan(acc) else {"acc": f"{acc:.4f}"}),
+                )
+        bar.close()
+        loss_sum, correct, good = (float(v) for v in totals)
+        train_seconds = time.time() - t0
+
+        model, _ = nnx.merge(eval_graphdef, state.graph)
+        train_f = embed(state.graph, dataset.train_images[:eval_n])
+        test_f = embed(state.graph, dataset.test_images)
+        train_y, test_y = dataset.train_labels[:eval_n], dataset.test_labels
+        row = {"epoch": epoch, "step": int(state.step), "loss": loss_sum / max(good, 1)}
+        if not math.isnan(correct):
+            row["train_accuracy"] = correct / max(good * cfg.batch_size, 1)
+        row.update(evaluate(cfg, model, train_f, train_y, test_f, test_y, num_classes))
+        frame = out / "plots" / f"epoch_{epoch:03d}.png"
+        frame.parent.mkdir(exist_ok=True)
+        viz.train_test_figure(
+            train_f,
+            train_y,
+            test_f,
+            test_y,
+            frame,
+            title=f"{cfg.dataset} {cfg.loss} feat={cfg.feat_dim} epoch {epoch}",
+            class_names=dataset.class_names,
+        )
+        frames.append(frame)
+        row["seconds"] = time.time() - t0
+        row["train_seconds"] = train_seconds
+        manager.save(
+            epoch, args=ocp.args.StandardSave(state), metrics={"accuracy": row["accuracy"]}
+        )
+        manager.wait_until_finished()
+        history.append(row)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(
+            f"epoch {epoch}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
+            f"knn {row['knn_accuracy']:.4f} P@1 {row['precision_at_1']:.4f} "
+            f"({row['seconds']:.0f}s)"
+        )
+        if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < cfg.epochs:
+            log(f"stopped after epoch {epoch} (--stop-after); continue with --resume")
+            return {"stopped_after": epoch, "history": history}
+
+    if frames:
+        viz.make_gif(frames, out / "features.gif")
+    best = max(history, key=lambda h: h["accuracy"]) if history else {}
+    summary = {
+        "dataset": cfg.dataset,
+        "loss": cfg.loss,
+        "feat_dim": cfg.feat_dim,
+        "epochs": len(history),
+        "final": history[-1] if history else {},
+        "best": best,
+        "data_source": dataset.source,
+        "checkpoints": str((out / "checkpoints").resolve()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = _summary_table(history)
+    (out / "summary.md").write_text(table + "\n")
+    log(table)
+    return summary
+
+
+def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):
+    h = state.health
+    terms = ", ".join(f"{k}={float(v):.6g}" for k, v in h.last_terms.items())
+    latest = manager.latest_step()
+    where = (
+        f"{cfg.out_dir() / 'checkpoints' / str(latest)} (end of epoch {latest})"
+        if latest is not None
+        else "none (diverged before the first checkpoint)"
+    )
+    raise TrainingDiverged(
+        f"loss became non-finite at step {int(h.bad_step)} (epoch {epoch}); training stopped "
+        f"and the state was kept from step {int(h.last_good_step)}.\n"
+        f"  last finite loss terms (step {int(h.last_good_step)}): {terms}\n"
+        f"  last good checkpoint: {where}\n"
+        "  try a lower --lr, a longer --warmup-epochs or a smaller --clip-norm"
+    )
+
+
+def main(dataset: str, argv: Sequence[str] | None = None) -> int:
+    cfg = config_from_args(dataset, argv)
+    try:
+        run(cfg)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except data_lib.DatasetUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0

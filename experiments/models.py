@@ -1,0 +1,123 @@
+"""Networks of the experiments, in Flax NNX.
+
+* :class:`LeNetPlusPlus` — the LeNet++ of Wen et al. 2016 (Fig. 2 / Sec. 3.1 of the Center Loss
+  paper) as in pytorch-center-loss, which seed 001 follows: three stages of two 5×5 convolutions
+  (32, 64, 128 channels, padding 2) with PReLU, each stage followed by 2×2 max-pooling, then a
+  linear embedding of ``feat_dim`` with PReLU.
+* :class:`SmallResNet` — a ResNet-20-style network (He et al. 2016, CIFAR variant: 3 stages of
+  basic blocks, 16/32/64 channels) ending in a ``feat_dim`` embedding, for CIFAR-10.
+
+Both return the embedding; heads (a linear classifier for the softmax family, class weights for
+margin losses, class centers) live beside them in :class:`EmbeddingModel`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlx_jax.heads import CenterStore, ClassWeights
+
+
+class LeNetPlusPlus(nnx.Module):
+    def __init__(self, in_channels: int, feat_dim: int, *, width: int = 32, rngs: nnx.Rngs):
+        channels = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
+        convs, acts = [], []
+        previous = in_channels
+        for c in channels:
+            convs.append(nnx.Conv(previous, c, (5, 5), padding=2, rngs=rngs))
+            acts.append(nnx.PReLU(0.25))  # PyTorch's PReLU init (pytorch-center-loss)
+            previous = c
+        self.convs = nnx.List(convs)
+        self.acts = nnx.List(acts)
+        self.flat_channels = previous
+        self.embed = nnx.Linear(previous * 3 * 3, feat_dim, rngs=rngs)
+        self.embed_act = nnx.PReLU(0.25)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images
+        for i, (conv, act) in enumerate(zip(self.convs, self.acts, strict=True)):
+            x = act(conv(x))
+            if i % 2 == 1:
+                x = nnx.max_pool(x, (2, 2), (2, 2))
+        if x.shape[1:3] != (3, 3):
+            # 28×28 inputs give 3×3 after three poolings; others are pooled to 3×3.
+            x = jax.image.resize(x, (x.shape[0], 3, 3, x.shape[3]), "linear")
+        return self.embed_act(self.embed(x.reshape(x.shape[0], -1)))
+
+
+class _BasicBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(
+            cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs
+        )
+        self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
+        self.project = (
+            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def __call__(self, x):
+        shortcut = x if self.project is None else self.project(x)
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        return jax.nn.relu(self.bn2(self.conv2(y)) + shortcut)
+
+
+class SmallResNet(nnx.Module):
+    def __init__(self, in_channels: int, feat_dim: int, *, blocks: int = 3, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, 16, (3, 3), padding=1, use_bias=False, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(16, rngs=rngs)
+        layers, cin = [], 16
+        for stage, cout in enumerate([16, 32, 64]):
+            for b in range(blocks):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                layers.append(_BasicBlock(cin, cout, stride, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(layers)
+        self.embed = nnx.Linear(cin, feat_dim, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.stem_bn(self.stem(images)))
+        for block in self.blocks:
+            x = block(x)
+        return self.embed(jnp.mean(x, axis=(1, 2)))
+
+
+class EmbeddingModel(nnx.Module):
+    """Backbone plus the heads a loss needs: ``classifier`` (linear, softmax family),
+    ``class_weights`` (margin losses), ``centers`` (center family)."""
+
+    def __init__(
+        self,
+        backbone: nnx.Module,
+        feat_dim: int,
+        num_classes: int,
+        *,
+        classifier: bool,
+        class_weights: bool,
+        centers: bool,
+        trainable_centers: bool,
+        rngs: nnx.Rngs,
+    ):
+        self.backbone = backbone
+        self.classifier = nnx.Linear(feat_dim, num_classes, rngs=rngs) if classifier else None
+        self.class_weights = (
+            ClassWeights(feat_dim, num_classes, rngs=rngs) if class_weights else None
+        )
+        self.centers = (
+            CenterStore(
+                num_classes,
+                feat_dim,
+                trainable=trainable_centers,
+                rngs=rngs if trainable_centers else None,
+            )
+            if centers
+            else None
+        )
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.backbone(images)

@@ -1,0 +1,218 @@
+"""The experiments driver on tiny runs: every loss trains, files are written, resume is exact,
+divergence stops with a useful message, bad flags and missing data give clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import driver
+from experiments.objectives import OBJECTIVES
+from mlx_jax import data as D
+from tests.test_data import cifar_members, write_cifar_tarball, write_idx_dir
+
+TINY = ["--width", "4", "--batch-size", "32", "--eval-train-limit", "200", "--quiet"]
+
+
+def learnable_images(seed: int, n: int):
+    """10 classes, each a bright 6×6 square at its own place on noise: easy to learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        r, c = 2 + 8 * (y // 4), 2 + 8 * (y % 4)
+        images[i, r : r + 6, c : c + 6] = 250
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture()
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(D.NO_FETCH_ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    root = tmp_path / "data"
+    arrays = {"train": learnable_images(0, 320), "test": learnable_images(1, 160)}
+    write_idx_dir(root / "fashion_mnist", arrays, gz=True)
+    return root
+
+
+def train(data_dir, out, *extra, dataset="fashion_mnist"):
+    argv = ["--data-dir", str(data_dir), "--out", str(out), *TINY, *extra]
+    return driver.run(driver.config_from_args(dataset, argv))
+
+
+def history(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", sorted(OBJECTIVES))
+def test_every_loss_trains_and_writes_its_files(loss, data_dir, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--lr", "0.05"] if loss not in ("sphereface", "arcface", "cosface") else []
+    summary = train(data_dir, out, "--loss", loss, "--epochs", "3", *extra)
+    rows = history(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    for r in rows:
+        for key in ("accuracy", "knn_accuracy", "precision_at_1", "map_at_r", "intra_inter_ratio"):
+            assert np.isfinite(r[key]), (key, r)
+    assert summary["final"]["epoch"] == 3
+    for name in ("config.json", "summary.json", "summary.md", "features.gif"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list((out / "plots").glob("epoch_*.png"))) == 3
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
+        1,
+        2,
+        3,
+    ]
+
+
+def test_resume_after_a_stop_ends_with_the_same_metrics(data_dir, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = ["--loss", "cent", "--epochs", "3", "--lr", "0.05"]
+    train(data_dir, straight, *common)
+    partial = train(data_dir, stopped, *common, "--stop-after", "1")
+    assert partial["stopped_after"] == 1 and len(history(stopped)) == 1
+    train(data_dir, stopped, *common, "--resume")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert strip(history(stopped)) == strip(history(straight))
+    restored = [
+        ocp.CheckpointManager((path / "checkpoints").resolve()).restore(3)
+        for path in (straight, stopped)
+    ]
+    for a, b in zip(jax_leaves(restored[0]), jax_leaves(restored[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def test_resume_with_a_different_config_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, "--loss", "xent", "--epochs", "2", "--stop-after", "1")
+    with pytest.raises(SystemExit, match=r"different configuration \(\['lr'\]\)"):
+        train(data_dir, out, "--loss", "xent", "--epochs", "2", "--lr", "0.5", "--resume")
+
+
+def test_divergence_stops_at_once_with_step_terms_and_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        *TINY,
+        "--loss",
+        "cent",
+        "--epochs",
+        "3",
+        "--lr",
+        "1e30",
+        "--clip-norm",
+        "1e38",
+        "--warmup-epochs",
+        "0",
+    ]
+    code = driver.main("fashion_mnist", argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "loss became non-finite at step" in err
+    assert "last finite loss terms" in err and "softmax=" in err and "center=" in err
+    assert "last good checkpoint" in err
+    assert len(history(out)) <= 1  # never an epoch of NaN
+
+
+def test_centers_trained_as_parameters(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, "--loss", "cent", "--epochs", "2", "--center-update", "sgd")
+    assert np.isfinite(history(out)[-1]["center_accuracy"])
+
+
+def test_feature_dim_128_is_projected_for_plots(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, "--loss", "xent", "--epochs", "1", "--feat-dim", "128")
+    assert (out / "plots" / "epoch_001.png").stat().st_size > 10_000
+
+
+def test_cifar10_path_with_written_pickles(tmp_path, monkeypatch):
+    monkeypatch.setenv(D.NO_FETCH_ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train": (rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 10),
+        "test": (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10),
+    }
+    write_cifar_tarball(tmp_path / "data" / "cifar-10-python.tar.gz", cifar_members(arrays, 8))
+    out = tmp_path / "run"
+    argv = [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--loss",
+        "xent",
+    ]
+    driver.run(driver.config_from_args("cifar10", argv))
+    assert history(out)[0]["epoch"] == 1
+
+
+def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(D.NO_FETCH_ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    code = driver.main(
+        "fashion_mnist",
+        ["--data-dir", str(tmp_path / "empty"), "--quiet", "--out", str(tmp_path / "run")],
+    )
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--loss", "triplet", "--batch-size", "30"], "must be a multiple of --samples-per-class"),
+    ],
+)
+def test_bad_flags_are_rejected_eagerly(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        driver.config_from_args("mnist", argv)
+
+
+def test_help_explains_every_loss(capsys):
+    with pytest.raises(SystemExit):
+        driver.config_from_args("mnist", ["--help"])
+    text = capsys.readouterr().out
+    for name in OBJECTIVES:
+        assert name in text
+    for flag in (
+        "--weight-cent",
+        "--alpha",
+        "--weight-intra",
+        "--weight-inter",
+        "--resume",
+        "--data-dir",
+        "--limit",
+        "--center-update",
+        "--stop-after",
+    ):
+        assert flag in text
