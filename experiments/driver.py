@@ -524,9 +524,11 @@ def run(cfg: Config) -> dict:
         history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         history = [h for h in history if h["epoch"] <= latest]
         log(f"resumed from epoch {latest} (step {int(state.step)})")
-    else:
-        for stale in [metrics_path]:
-            stale.unlink(missing_ok=True)
+    elif manager.latest_step() is not None:
+        raise SystemExit(
+            f"error: {out} holds checkpoints of an earlier run; pass --resume to continue it "
+            "or choose another --out"
+        )
     config_path.write_text(json.dumps(cfg.to_json(), indent=2))
     metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
 

@@ -216,3 +216,10 @@ def test_help_explains_every_loss(capsys):
         "--stop-after",
     ):
         assert flag in text
+
+
+def test_fresh_run_refuses_to_overwrite_an_earlier_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, "--loss", "xent", "--epochs", "1")
+    with pytest.raises(SystemExit, match="pass --resume to continue"):
+        train(data_dir, out, "--loss", "xent", "--epochs", "1")
