@@ -1,10 +1,11 @@
-"""Pairwise distance and similarity matrices, each from a single matmul.
+"""Pairwise distance and similarity matrices.
 
 All metrics compute in at least float32 and return ``[B, M]`` for ``x`` [B, D] and ``y`` [M, D]
 (``y=None`` means ``y = x``; then the diagonal of a Euclidean matrix is exactly 0).
 
-* ``"squared_euclidean"``: ‖x_i‖² + ‖y_j‖² − 2·x_i·y_j, clamped at 0 (rounding can make it
-  slightly negative).
+* ``"squared_euclidean"``: ‖x_i − y_j‖², by direct differences for small problems (exact) and
+  by one matmul ‖x_i‖² + ‖y_j‖² − 2·x_i·y_j, clamped at 0, for large ones (see
+  :func:`squared_euclidean` for the accuracy trade-off).
 * ``"euclidean"``: the square root of the above with a gradient that is finite (zero) at 0 —
   plain ``sqrt`` has an infinite derivative there, which NaNs every gradient of a batch holding
   duplicate embeddings.
@@ -43,10 +44,41 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORMALIZE_EPS) -> ja
     return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
-def squared_euclidean(x: jax.Array, y: jax.Array | None = None, *, precision=HIGHEST) -> jax.Array:
-    """‖x_i − y_j‖² as ‖x_i‖² + ‖y_j‖² − 2·x_i·y_j (one matmul), clamped at 0."""
+DistanceMethod = Literal["auto", "matmul", "difference"]
+# "auto" subtracts coordinates directly while B·M·D stays below this (64 MB of float32 if XLA
+# materialises it); above it the matmul form is the only affordable one.
+DIFFERENCE_MAX_ELEMENTS = 1 << 24
+
+
+def squared_euclidean(
+    x: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    precision=HIGHEST,
+    method: DistanceMethod = "auto",
+) -> jax.Array:
+    """‖x_i − y_j‖², [B, M].
+
+    ``method="matmul"``: ‖x_i‖² + ‖y_j‖² − 2·x_i·y_j (one matmul), clamped at 0, after
+    subtracting the mean of ``x`` from both sides (distances are translation-invariant; it
+    shrinks the norms that cancel). Cancellation still limits its accuracy to about
+    eps·‖x‖² absolute: two samples 0.03 apart at norm 50 get garbage in float32.
+    ``method="difference"``: Σ_k (x_ik − y_jk)², exact to rounding, O(B·M·D) work.
+    ``method="auto"`` (default): ``"difference"`` while B·M·D <= 2²⁴ (e.g. B = 128 with
+    D <= 1024), else ``"matmul"``.
+    """
+    _checks.choice(method, "method", ("auto", "matmul", "difference"))
     same = y is None
     y = x if same else y
+    if method == "auto":
+        small = x.shape[0] * y.shape[0] * x.shape[1] <= DIFFERENCE_MAX_ELEMENTS
+        method = "difference" if small else "matmul"
+    if method == "difference":
+        diff = x[:, None, :] - y[None, :, :]
+        return jnp.sum(diff * diff, axis=-1)
+    shift = jax.lax.stop_gradient(jnp.mean(x, axis=0))
+    x = x - shift
+    y = x if same else y - shift
     x_sq = jnp.sum(x * x, axis=1)
     y_sq = x_sq if same else jnp.sum(y * y, axis=1)
     gram = jnp.matmul(x, y.T, precision=precision)
@@ -69,6 +101,7 @@ def pairwise_distances(
     *,
     metric: Metric = "squared_euclidean",
     precision=HIGHEST,
+    method: DistanceMethod = "auto",
 ) -> jax.Array:
     """Pairwise matrix between the rows of ``x`` [B, D] and ``y`` [M, D] (default ``y = x``).
 
@@ -78,6 +111,8 @@ def pairwise_distances(
       metric: ``"squared_euclidean"``, ``"euclidean"`` (distances) or ``"cosine"``
         (a similarity: larger means closer).
       precision: matmul precision; full float32 by default.
+      method: Euclidean metrics only — ``"auto"``, ``"matmul"`` or ``"difference"``; see
+        :func:`squared_euclidean` (accuracy for close points vs. memory at large sizes).
 
     Returns:
       [B, M] array in ``x``'s compute dtype (at least float32).
@@ -93,5 +128,5 @@ def pairwise_distances(
         x, y = _checks.promote_all(x, y)
     if metric == "cosine":
         return cosine_similarity(x, y, precision=precision)
-    squared = squared_euclidean(x, y, precision=precision)
+    squared = squared_euclidean(x, y, precision=precision, method=method)
     return squared if metric == "squared_euclidean" else safe_sqrt(squared)

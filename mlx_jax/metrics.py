@@ -22,10 +22,11 @@ Inputs are validated: embeddings must be finite floating arrays [N, D], labels i
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -102,13 +103,14 @@ def _positive_int(value, name: str) -> int:
 
 
 def _chunks(
-    fn: Callable[..., jax.Array], queries: jax.Array, chunk: int, *args
-) -> Iterator[tuple[int, np.ndarray]]:
+    fn: Callable[..., Any], queries: jax.Array, chunk: int, *args
+) -> Iterator[tuple[int, Any]]:
     """Yields ``(start, np.asarray(fn(queries[start:start + chunk], start, *args)))``.
 
     Queries are zero-padded to a multiple of ``chunk`` so ``fn`` compiles once; the rows of the
     last result past the end are dropped. One chunk is dispatched ahead, so JAX computes the next
-    chunk while the caller's NumPy code processes the current one.
+    chunk while the caller's NumPy code processes the current one. ``fn`` may return a tuple (any
+    pytree) of arrays with the chunk's rows first; each one is converted and trimmed.
     """
     n = queries.shape[0]
     num_chunks = -(-n // chunk)
@@ -118,10 +120,15 @@ def _chunks(
         start = i * chunk
         out = fn(jax.lax.dynamic_slice_in_dim(padded, start, chunk), start, *args)
         if pending is not None:
-            yield pending[0], np.asarray(pending[1])[: n - pending[0]]
+            yield pending[0], _rows_to_host(pending[1], n - pending[0])
         pending = (start, out)
     assert pending is not None
-    yield pending[0], np.asarray(pending[1])[: n - pending[0]]
+    yield pending[0], _rows_to_host(pending[1], n - pending[0])
+
+
+def _rows_to_host(out, rows: int):
+    """``out`` (an array or pytree of arrays) as NumPy arrays, keeping the first ``rows`` rows."""
+    return jax.tree.map(lambda a: np.asarray(a)[:rows], out)
 
 
 def _ranking_scores(
@@ -525,3 +532,324 @@ def intra_inter_distance_ratio(
         intra += float(np.sum(sums[:, 0], dtype=np.float64))
         total += float(np.sum(sums[:, 1], dtype=np.float64))
     return (intra / intra_pairs) / ((total - intra) / inter_pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification (FaceNet, Schroff, Kalenichenko & Philbin 2015, §5) and clustering
+
+VerificationMetric = Literal["squared_euclidean", "euclidean", "cosine"]
+VERIFICATION_METRICS: tuple[str, ...] = ("squared_euclidean", "euclidean", "cosine")
+
+__all__ += [
+    "verification_rates",
+    "val_at_far",
+    "roc_curve",
+    "roc_auc",
+    "clustering_scores",
+]
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _pair_distance_rows(rows: jax.Array, start, embeddings: jax.Array, *, metric: str) -> jax.Array:
+    """[chunk, N] float32 distances D(x_i, x_j) of rows i = start.. to every j: squared or plain
+    Euclidean, or the cosine distance 1 − cos(x_i, x_j)."""
+    del start
+    if metric == "cosine":
+        d = 1.0 - pairwise_distances(rows, embeddings, metric="cosine")
+    else:
+        d = pairwise_distances(rows, embeddings, metric=metric)
+    return d.astype(jnp.float32)
+
+
+def _verification_pairs(
+    embeddings, labels, metric: str, chunk_size: int | None
+) -> tuple[Iterator[tuple[np.ndarray, np.ndarray]], int, int]:
+    """Validates the inputs; returns (an iterator over row chunks yielding the float32
+    distances of their same-class and different-class pairs (i, j), i < j), |P_same|, |P_diff|).
+
+    Each unordered pair is yielded once, computed in the row of its smaller index.
+    """
+    _checks.choice(metric, "metric", VERIFICATION_METRICS)
+    x = _finite_embeddings(embeddings, "embeddings")
+    n = x.shape[0]
+    y = _host_labels(labels, n, "labels")
+    counts = np.unique(y, return_counts=True)[1]
+    num_same = int(np.sum(counts * (counts - 1) // 2))
+    num_diff = n * (n - 1) // 2 - num_same
+    if num_same == 0:
+        raise ValueError(
+            "labels must have a class with at least two samples (no same-identity pairs)"
+        )
+    if num_diff == 0:
+        raise ValueError("labels must contain at least two classes (no different-identity pairs)")
+    chunk = _chunk_size(chunk_size, n, n)
+    fn = functools.partial(_pair_distance_rows, metric=metric)
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start, d in _chunks(fn, x, chunk, x):
+            rows = np.arange(start, start + len(d))
+            upper = d[:, start + 1 :]  # columns j > start; j > i masked below
+            later = np.arange(start + 1, n)[None, :] > rows[:, None]
+            same = y[rows][:, None] == y[None, start + 1 :]
+            yield upper[later & same], upper[later & ~same]
+
+    return pairs(), num_same, num_diff
+
+
+def verification_rates(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    thresholds,
+    *,
+    metric: VerificationMetric = "squared_euclidean",
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FaceNet's validation rate and false accept rate at given distance thresholds.
+
+    Over all pairs (i, j), i < j, of the set, P_same holds those with y_i = y_j and P_diff the
+    others. A pair is accepted ("same") at threshold d when D(x_i, x_j) <= d, and (Schroff et
+    al. 2015, §5)::
+
+        TA(d) = {(i, j) ∈ P_same : D(x_i, x_j) <= d}     VAL(d) = |TA(d)| / |P_same|
+        FA(d) = {(i, j) ∈ P_diff : D(x_i, x_j) <= d}     FAR(d) = |FA(d)| / |P_diff|
+
+    D is the squared Euclidean distance (FaceNet's), the Euclidean distance, or the cosine
+    distance 1 − cos(x_i, x_j) (``metric``), computed in float32. Counts are exact; the pairs are
+    streamed in row chunks (memory: one chunk of distances, ≤ 16 MiB by default).
+
+    Args:
+      embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least one same-class and
+        one different-class pair.
+      thresholds: a float or [T] floats (not NaN), in any order.
+      metric: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
+      chunk_size: rows per chunk (None: automatic).
+
+    Returns:
+      ``(val, far)``: float64 NumPy arrays of the thresholds' shape.
+    """
+    t = np.asarray(thresholds)
+    if not (np.issubdtype(t.dtype, np.floating) or np.issubdtype(t.dtype, np.integer)):
+        raise TypeError(f"thresholds must be a real number or array [T], got dtype {t.dtype}")
+    if t.ndim > 1:
+        raise ValueError(f"thresholds must be a number or have shape [T], got {list(t.shape)}")
+    t = t.astype(np.float64)
+    if np.isnan(t).any():
+        raise ValueError("thresholds must not contain NaN")
+    pairs, num_same, num_diff = _verification_pairs(embeddings, labels, metric, chunk_size)
+    flat = t.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    ascending = flat[order]
+    accepted = np.zeros((2, len(flat) + 1), np.int64)  # [same, diff] pairs first accepted at t_k
+    for same, diff in pairs:
+        for row, d in enumerate((same, diff)):
+            first = np.searchsorted(ascending, d, side="left")  # first threshold >= d
+            accepted[row] += np.bincount(first, minlength=len(flat) + 1)
+    counts = np.cumsum(accepted[:, :-1], axis=1)
+    rates = np.empty((2, len(flat)))
+    rates[:, order] = counts / np.array([[num_same], [num_diff]], np.float64)
+    return rates[0].reshape(t.shape), rates[1].reshape(t.shape)
+
+
+def val_at_far(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    far: float = 1e-3,
+    *,
+    metric: VerificationMetric = "squared_euclidean",
+    chunk_size: int | None = None,
+) -> tuple[float, float, float]:
+    """VAL at a target FAR, with the threshold found on the data (FaceNet reports VAL at
+    FAR = 1e-3).
+
+    The threshold is the largest d with FAR(d) <= ``far`` (definitions in
+    :func:`verification_rates`). With δ_1 <= δ_2 <= ... the sorted different-pair distances and
+    m = ⌊far·|P_diff|⌋ (exact, in rational arithmetic), FAR(d) <= far iff d < δ_{m+1}: the
+    threshold is the largest float32 below δ_{m+1}, and every d in [the largest observed pair
+    distance below δ_{m+1}, δ_{m+1}) gives the same VAL and FAR on this set. Ties: different
+    pairs at distance δ_{m+1} are all rejected together (a threshold cannot split equal
+    distances), so the achieved FAR can be below the target, and same pairs at δ_{m+1} are
+    rejected too. If the smallest distances belong to different pairs, VAL can be 0.
+
+    Exact: the m + 1 smallest different-pair distances are kept while the pairs are streamed in
+    row chunks (``np.partition``), with the same-pair distances below the running bound. Memory:
+    4 bytes per kept distance, e.g. 10,000 embeddings of 10 classes at FAR = 1e-3 keep ≈ 45k
+    different-pair and at most ≈ 5M same-pair distances (≤ 20 MB), plus one chunk of distances.
+
+    Args:
+      embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least one same-class and
+        one different-class pair.
+      far: target false accept rate, 0 < far < 1.
+      metric: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"`` (the cosine
+        distance 1 − cos); the threshold is in its units.
+      chunk_size: rows per chunk (None: automatic).
+
+    Returns:
+      ``(val, threshold, achieved_far)`` as Python floats: VAL(threshold) and FAR(threshold).
+    """
+    if isinstance(far, bool) or not isinstance(far, int | float | np.number):
+        raise TypeError(f"far must be a real number in (0, 1), got {far!r}")
+    if not 0.0 < float(far) < 1.0:  # also rejects NaN
+        raise ValueError(f"far must lie in (0, 1) (exclusive), got {far}")
+    pairs, num_same, num_diff = _verification_pairs(embeddings, labels, metric, chunk_size)
+    allowed = math.floor(fractions.Fraction(float(far)) * num_diff)  # m < num_diff since far < 1
+    kept_diff = np.empty(0, np.float32)
+    kept_same: list[np.ndarray] = []
+    bound = np.float32(np.inf)  # the (m+1)-th smallest diff distance seen so far (>= δ_{m+1})
+    for same, diff in pairs:
+        kept_diff = np.concatenate([kept_diff, diff])
+        if len(kept_diff) > allowed + 1:
+            kept_diff = np.partition(kept_diff, allowed)[: allowed + 1]
+        if len(kept_diff) == allowed + 1:
+            bound = kept_diff.max()
+        kept_same.append(same[same < bound])
+    cutoff = kept_diff.max()  # δ_{m+1}
+    true_accepts = sum(int(np.count_nonzero(s < cutoff)) for s in kept_same)
+    false_accepts = int(np.count_nonzero(kept_diff < cutoff))
+    threshold = np.nextafter(cutoff, np.float32(-np.inf))
+    return true_accepts / num_same, float(threshold), false_accepts / num_diff
+
+
+def _sorted_pair_distances(
+    embeddings, labels, metric: str, chunk_size: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All same-pair and different-pair distances (float32, ascending): 4 bytes per pair."""
+    pairs, num_same, num_diff = _verification_pairs(embeddings, labels, metric, chunk_size)
+    same_all = np.empty(num_same, np.float32)
+    diff_all = np.empty(num_diff, np.float32)
+    filled = [0, 0]
+    for chunk in pairs:
+        for row, (out, d) in enumerate(zip((same_all, diff_all), chunk, strict=True)):
+            out[filled[row] : filled[row] + len(d)] = d
+            filled[row] += len(d)
+    same_all.sort()
+    diff_all.sort()
+    return same_all, diff_all
+
+
+def roc_curve(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    metric: VerificationMetric = "squared_euclidean",
+    drop_intermediate: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact verification ROC curve: FAR(d) and VAL(d) at every distinct pair distance d.
+
+    ``thresholds`` are the distinct pair distances in increasing order, preceded by −inf (the
+    point (0, 0)); ``far[i] = FAR(thresholds[i])`` and ``val[i] = VAL(thresholds[i])`` as
+    defined in :func:`verification_rates`, so both increase to 1. This is
+    ``sklearn.metrics.roc_curve(same, -distance)`` with the thresholds negated: smaller distance
+    means "same". ``drop_intermediate`` drops the points on straight segments of the curve with
+    scikit-learn's rule (the curve and its AUC are unchanged).
+
+    Memory: every pair distance is held once, sorted (4 bytes per pair: 200 MB for 10,000
+    embeddings), plus about 5 bytes per pair and 8 per distinct distance while the curve is
+    built; the full curve (``drop_intermediate=False``) has one point per distinct distance.
+
+    Args:
+      embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least one same-class and
+        one different-class pair.
+      metric: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
+      drop_intermediate: drop collinear points (default True).
+      chunk_size: rows per chunk (None: automatic).
+
+    Returns:
+      ``(far, val, thresholds)``: float64 NumPy arrays of one length.
+    """
+    same, diff = _sorted_pair_distances(embeddings, labels, metric, chunk_size)
+    values = np.concatenate([same, diff])
+    del diff
+    values.sort()
+    ends = np.flatnonzero(np.append(values[1:] != values[:-1], True))  # last of each value
+    thresholds = values[ends]
+    del values
+    true_accepts = np.searchsorted(same, thresholds, side="right")
+    false_accepts = ends + 1 - true_accepts
+    if drop_intermediate and len(thresholds) > 2:
+        keep = np.flatnonzero(
+            np.concatenate(
+                [[True], np.logical_or(np.diff(false_accepts, 2), np.diff(true_accepts, 2)), [True]]
+            )
+        )
+        thresholds, true_accepts, false_accepts = (
+            thresholds[keep],
+            true_accepts[keep],
+            false_accepts[keep],
+        )
+    far = np.concatenate([[0.0], false_accepts / false_accepts[-1]])
+    val = np.concatenate([[0.0], true_accepts / true_accepts[-1]])
+    return far, val, np.concatenate([[-np.inf], thresholds.astype(np.float64)])
+
+
+def roc_auc(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    metric: VerificationMetric = "squared_euclidean",
+    chunk_size: int | None = None,
+) -> float:
+    """Area under the verification ROC curve (:func:`roc_curve`), computed exactly as the
+    Mann–Whitney statistic P(D_same < D_diff) + ½·P(D_same = D_diff) over all (same pair,
+    different pair) combinations — equal to ``sklearn.metrics.roc_auc_score(same, -distance)``.
+
+    Memory: every pair distance once, sorted (4 bytes per pair), plus 16 bytes per pair of the
+    smaller of the two sets.
+
+    Args and validation as :func:`roc_curve`. Returns the AUC as a Python float.
+    """
+    same, diff = _sorted_pair_distances(embeddings, labels, metric, chunk_size)
+    # For each same distance s: #diff > s counts 1, #diff == s counts 1/2 (in halves, exactly).
+    if len(same) <= len(diff):
+        below = np.searchsorted(diff, same, side="left")
+        not_above = np.searchsorted(diff, same, side="right")
+        halves = 2 * int(np.sum(len(diff) - not_above)) + int(np.sum(not_above - below))
+    else:  # the same sum, counted from the different pairs' side
+        below = np.searchsorted(same, diff, side="left")
+        not_above = np.searchsorted(same, diff, side="right")
+        halves = 2 * int(np.sum(below)) + int(np.sum(not_above - below))
+    return halves / (2 * len(same) * len(diff))
+
+
+def clustering_scores(
+    embeddings: jax.Array, labels: jax.Array, *, seed: int = 0, n_init: int = 10
+) -> dict[str, float]:
+    """NMI and AMI between the classes and a k-means clustering of the embeddings (FaceNet's
+    clustering task; the clustering scores of Musgrave et al. 2020 and PML).
+
+    k-means with k = the number of classes (scikit-learn's ``KMeans``, k-means++ init,
+    ``n_init`` restarts, ``random_state=seed``) on the embeddings as given (normalize them first
+    for a cosine geometry); the scores are ``normalized_mutual_info_score`` and
+    ``adjusted_mutual_info_score`` (arithmetic normalization), both 1 for a perfect clustering.
+
+    Requires scikit-learn (an optional dependency, imported here).
+
+    Args:
+      embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least two classes.
+      seed: k-means random state. n_init: number of k-means restarts (>= 1).
+
+    Returns:
+      ``{"nmi": float, "ami": float}``.
+    """
+    x = _finite_embeddings(embeddings, "embeddings")
+    y = _host_labels(labels, x.shape[0], "labels")
+    n_init = _positive_int(n_init, "n_init")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    num_classes = len(np.unique(y))
+    if num_classes < 2:
+        raise ValueError("labels must contain at least two classes to score a clustering")
+    try:
+        from sklearn.cluster import KMeans
+        from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "clustering_scores needs scikit-learn: pip install scikit-learn"
+        ) from error
+    clusters = KMeans(n_clusters=num_classes, n_init=n_init, random_state=int(seed)).fit_predict(
+        np.asarray(x, np.float64)
+    )
+    return {
+        "nmi": float(normalized_mutual_info_score(y, clusters)),
+        "ami": float(adjusted_mutual_info_score(y, clusters)),
+    }

@@ -96,7 +96,10 @@ def combined_target(c, m1, m2, m3, boundary):
         if theta_b >= math.pi or theta < theta_b:
             value = margin_cos
         else:
-            value = c - (math.pi - theta_b) * math.sin(theta_b)
+            # Step down from cos(π) = −1 at θ_b: the first-order form, or the continuous one.
+            value = min(
+                c - (math.pi - theta_b) * math.sin(theta_b), c - 1.0 - math.cos(theta_b)
+            )
     else:
         raise ValueError(boundary)
     return value - m3

@@ -290,3 +290,34 @@ def test_out_of_range_label_under_jit_is_nan_not_clamped():
     assert np.isnan(float(jax.jit(center_loss)(x, bad, c)))
     assert np.isnan(float(jax.jit(center_loss)(x, np.full_like(y, -1), c)))  # no wrap-around
     assert np.isnan(float(jax.jit(lambda *a: triplet_center_loss(*a, margin=1.0))(x, bad, c)))
+
+
+def test_standalone_rejects_mean_nonzero():
+    x, y, c = batch_and_centers(0)
+    with pytest.raises(ValueError, match="can be negative"):
+        standalone_center_loss(x, y, c, reduction="mean_nonzero")
+
+
+def test_standalone_v2_padded_far_row_keeps_gradients_finite():
+    x, y, c = batch_and_centers(1)
+    x = x.copy()
+    x[0] = 1000.0  # exp(0.1·d²) overflows for this row
+    w = np.ones(len(y), np.float32)
+    w[0] = 0.0
+    assert_finite_value_and_grad(
+        lambda e, cc: standalone_center_loss_v2(e, y, cc, weights=w), x, c
+    )
+
+
+def test_standalone_float32_gradient_for_close_pairs_far_from_origin():
+    """Different-class samples 0.03 apart at norm ~50: the log term's gradient is ~1/d² and
+    must be computed from accurate small distances, not from a cancelling matmul."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(8, 2)) * 50
+    x = np.concatenate([base, base + rng.normal(size=(8, 2)) * 0.03])
+    y = np.concatenate([np.zeros(8), np.ones(8)]).astype(np.int32)
+    c = np.stack([base.mean(0), base.mean(0) + 0.01])
+    g32 = jax.grad(standalone_center_loss)(x.astype(np.float32), y, c.astype(np.float32))
+    with jax.enable_x64(True):
+        g64 = jax.grad(standalone_center_loss)(jnp.asarray(x), y, jnp.asarray(c))
+    np.testing.assert_allclose(g32, g64, rtol=2e-3, atol=1e-3 * float(np.abs(g64).max()))

@@ -142,3 +142,11 @@ def test_bad_weights_and_options():
         contrastive_loss(x, y, reduction="avg")
     with pytest.raises(ValueError, match="balance must be one of"):
         contrastive_loss(x, y, balance="both")
+
+
+def test_pml_margins_require_non_squared_form():
+    x, y = random_batch(9, batch=4)
+    with pytest.raises(ValueError, match="pass squared=False"):
+        contrastive_loss(x, y, pos_margin=0.2)
+    with pytest.raises(ValueError, match="pass squared=False"):
+        contrastive_loss(x, y, neg_margin=2.0)

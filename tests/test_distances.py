@@ -97,3 +97,26 @@ def test_bad_input():
         jax.jit(pairwise_distances).lower(np.ones(3, np.float32))
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         pairwise_distances(np.ones((3, 2), np.int32))
+
+
+def test_float32_accuracy_for_close_points_far_from_the_origin():
+    """Two samples 0.03 apart at norm ~50 (2-D features of a trained LeNet++)."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(16, 2)) * 50
+    x = np.concatenate([base, base + rng.normal(size=(16, 2)) * 0.03]).astype(np.float32)
+    exact = reference(x, x, "squared_euclidean")
+    off_diagonal = ~np.eye(32, dtype=bool)
+    for method, rtol in [("auto", 1e-4), ("difference", 1e-4)]:
+        got = np.asarray(pairwise_distances(x, metric="squared_euclidean", method=method))
+        np.testing.assert_allclose(got[off_diagonal], exact[off_diagonal], rtol=rtol, atol=1e-6)
+    # The matmul form is centred first; it stays within eps·‖x − mean‖² of the truth.
+    got = np.asarray(pairwise_distances(x, metric="squared_euclidean", method="matmul"))
+    spread = np.max(np.sum((x - x.mean(0)) ** 2, axis=1))
+    assert np.max(np.abs(got - exact)) <= 8 * np.finfo(np.float32).eps * spread
+
+
+def test_matmul_and_difference_agree_on_well_separated_points():
+    x = np.random.default_rng(6).normal(size=(20, 7)).astype(np.float32)
+    a = pairwise_distances(x, x[:5], metric="euclidean", method="matmul")
+    b = pairwise_distances(x, x[:5], metric="euclidean", method="difference")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -109,7 +109,10 @@ def test_large_angle_case_exercises_the_boundary():
 
 @pytest.mark.parametrize(
     "m1, m2, m3",
-    [(1.0, 0.5, 0.0), (1.0, 1.2, 0.1), (0.9, 0.4, 0.15), (1.35, 0.25, 0.1), (2.0, 0.0, 0.0)],
+    [
+        (1.0, 0.5, 0.0), (1.0, 1.2, 0.1), (0.9, 0.4, 0.15), (1.35, 0.25, 0.1), (2.0, 0.0, 0.0),
+        (3.0, 0.0, 0.0), (4.0, 0.0, 0.0), (6.0, 0.1, 0.0), (1.0, 2.8, 0.0),
+    ],
 )
 def test_monotonic_boundary_is_non_increasing_in_theta(m1, m2, m3):
     with jax.enable_x64(True):
@@ -464,3 +467,14 @@ def test_bad_options_raise_at_trace_time(loss, kwargs, match):
     args = (np.ones((4, 3), np.float32), np.zeros(4, np.int32), np.ones((3, 2), np.float32))
     with pytest.raises(ValueError, match=match):
         jax.jit(functools.partial(loss, **kwargs)).lower(*args)
+
+
+def test_integral_float_sphereface_margin_and_m2_range():
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    y = np.arange(6, dtype=np.int32) % 4
+    np.testing.assert_allclose(
+        sphereface_loss(x, y, w, margin=4.0), sphereface_loss(x, y, w, margin=4), rtol=1e-7
+    )
+    with pytest.raises(ValueError, match=r"m2 must be in \[0, π\)"):
+        combined_margin_loss(x, y, w, m2=3.2)

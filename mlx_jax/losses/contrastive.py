@@ -47,7 +47,9 @@ def contrastive_loss(
         and negative pairs separately and adds the two (PML's convention).
       weights: optional [B] per-sample weights; a pair's weight is its first sample's weight,
         and zero-weight samples are excluded from every pair.
-      reduction: see :mod:`mlx_jax.reductions`; PML's default is ``"mean_nonzero"``.
+      reduction: see :mod:`mlx_jax.reductions`; PML's default is ``"mean_nonzero"``. Each
+        unordered pair counts twice, as (i, j) and (j, i) (PML does the same), which
+        ``"mean"`` cancels and ``"sum"`` does not.
         ``"none"`` returns the [B, B] matrix of weighted pair losses.
 
     Returns:
@@ -57,6 +59,11 @@ def contrastive_loss(
     _checks.non_negative(margin, "margin")
     squared_distance = squared_euclidean(batch.embeddings)
     distance = safe_sqrt(squared_distance)
+    if squared and (pos_margin != 0.0 or neg_margin is not None):
+        raise ValueError(
+            "pos_margin/neg_margin are PML's non-squared hinges: pass squared=False with them "
+            "(the squared Hadsell form uses margin)"
+        )
     if squared:
         positive_terms = 0.5 * squared_distance
         negative_terms = 0.5 * jnp.square(jax.nn.relu(margin - distance))

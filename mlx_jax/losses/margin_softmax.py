@@ -121,7 +121,11 @@ def _combined_target(cos_y: jax.Array, m1, m2, m3, boundary: str) -> jax.Array:
         # sin θ frozen at the boundary: for m1 = 1 this is insightface's / PML's
         # cos θ − m2·sin(m2) (since θ_b = π − m2).
         theta_b = jnp.clip((math.pi - m2) / m1, 0.0, math.pi)
-        fallback = c - (math.pi - theta_b) * jnp.sin(theta_b)
+        # The step must go *down* from cos(π) = −1: the second form is continuous there, and
+        # the min keeps insightface's form for m1 = 1 (m·sin m >= 1 − cos m for m <= ~2.3).
+        fallback = jnp.minimum(
+            c - (math.pi - theta_b) * jnp.sin(theta_b), c - 1.0 - jnp.cos(theta_b)
+        )
         use_margin = jnp.logical_or(theta_b >= math.pi, c > jnp.cos(theta_b))
         penalized = jnp.where(use_margin, cos_margin, fallback)
     return penalized - m3
@@ -177,10 +181,11 @@ def combined_margin_loss(
 
     * ``"monotonic"`` (default): insightface arcface_torch ``CombinedMarginLoss`` and
       pytorch-metric-learning ``ArcFaceLoss``: for θ > θ_b = (π − m2)/m1 use
-      cos θ − (π − θ_b)·sin θ_b, i.e. cos θ − m2·sin(m2) for m1 = 1. For m1 ≠ 1 this
-      generalization (ours; insightface only defines m1 = 1) is the first-order expansion
-      cos(θ + Δ) ≈ cos θ − Δ·sin θ at the boundary, Δ = π − θ_b the margin there; it steps
-      *down* at θ_b, so the target stays non-increasing in θ.
+      min(cos θ − (π − θ_b)·sin θ_b, cos θ − 1 − cos θ_b), i.e. cos θ − m2·sin(m2) for
+      m1 = 1 (m2 <= ~2.3). For m1 ≠ 1 this generalization is ours (insightface only defines
+      m1 = 1): the first form is the first-order expansion cos(θ + Δ) ≈ cos θ − Δ·sin θ at
+      the boundary, the second is continuous at θ_b; their min never rises above cos π = −1
+      at θ_b, so the target stays non-increasing in θ for every m1 (tested up to m1 = 6).
     * ``"easy"``: insightface's ``easy_margin``: the angular margin (m1, m2) only where
       cos θ > 0, plain cos θ elsewhere (m3 is always subtracted).
     * ``"none"``: the raw cos(m1·θ + m2) − m3 everywhere.
@@ -208,6 +213,8 @@ def combined_margin_loss(
     _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
     _checks.positive(m1, "m1")
     _checks.non_negative(m2, "m2")
+    if _checks._is_concrete(m2) and np.ndim(m2) == 0 and float(m2) >= math.pi:
+        raise ValueError(f"m2 must be in [0, π) radians, got {m2}")
     _checks.non_negative(m3, "m3")
     _checks.positive(scale, "scale")
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
@@ -308,9 +315,10 @@ def cosface_loss(
 
 
 def _integer_margin(margin) -> int:
+    integral_float = isinstance(margin, float | np.floating) and float(margin).is_integer()
     if (
         isinstance(margin, bool)
-        or not isinstance(margin, numbers.Integral | np.integer)
+        or not (isinstance(margin, numbers.Integral | np.integer) or integral_float)
         or int(margin) < 1
     ):
         raise ValueError(f"margin must be an integer >= 1 (SphereFace's m), got {margin!r}")
