@@ -97,9 +97,7 @@ def combined_target(c, m1, m2, m3, boundary):
             value = margin_cos
         else:
             # Step down from cos(π) = −1 at θ_b: the first-order form, or the continuous one.
-            value = min(
-                c - (math.pi - theta_b) * math.sin(theta_b), c - 1.0 - math.cos(theta_b)
-            )
+            value = min(c - (math.pi - theta_b) * math.sin(theta_b), c - 1.0 - math.cos(theta_b))
     else:
         raise ValueError(boundary)
     return value - m3

@@ -304,9 +304,7 @@ def test_standalone_v2_padded_far_row_keeps_gradients_finite():
     x[0] = 1000.0  # exp(0.1·d²) overflows for this row
     w = np.ones(len(y), np.float32)
     w[0] = 0.0
-    assert_finite_value_and_grad(
-        lambda e, cc: standalone_center_loss_v2(e, y, cc, weights=w), x, c
-    )
+    assert_finite_value_and_grad(lambda e, cc: standalone_center_loss_v2(e, y, cc, weights=w), x, c)
 
 
 def test_standalone_float32_gradient_for_close_pairs_far_from_origin():

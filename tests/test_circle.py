@@ -196,41 +196,6 @@ def test_invariant_to_permutation_and_relabeling(seed):
     np.testing.assert_allclose(circle_loss(x, relabel[y].astype(np.int32)), base, rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "args, error, match",
-    [
-        (
-            (np.ones((4,), np.float32), np.zeros(4, np.int32)),
-            ValueError,
-            "embeddings must have shape",
-        ),
-        (
-            (np.ones((4, 2), np.float32), np.zeros(3, np.int32)),
-            ValueError,
-            r"labels must have shape \[4\]",
-        ),
-        (
-            (np.ones((4, 2), np.float32), np.zeros(4, np.float32)),
-            TypeError,
-            "labels must be an integer",
-        ),
-        (
-            (np.ones((4, 2), np.int32), np.zeros(4, np.int32)),
-            TypeError,
-            "embeddings must be a floating",
-        ),
-        (
-            (np.ones((0, 2), np.float32), np.zeros(0, np.int32)),
-            ValueError,
-            "batch, dim >= 1",
-        ),
-    ],
-)
-def test_bad_input_raises_at_trace_time(args, error, match):
-    with pytest.raises(error, match=match):
-        jax.jit(circle_loss).lower(*args)
-
-
 def test_bad_weights_and_options():
     x, y = random_batch(8, batch=4)
     with pytest.raises(ValueError, match=r"weights must have shape \[4\]"):

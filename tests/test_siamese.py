@@ -171,36 +171,6 @@ def test_invariant_to_embedding_scale():
     )
 
 
-@pytest.mark.parametrize(
-    "args, error, match",
-    [
-        (
-            (np.ones((4,), np.float32), np.zeros(4, np.int32)),
-            ValueError,
-            "embeddings must have shape",
-        ),
-        (
-            (np.ones((4, 2), np.float32), np.zeros(3, np.int32)),
-            ValueError,
-            r"labels must have shape \[4\]",
-        ),
-        (
-            (np.ones((4, 2), np.float32), np.zeros(4, np.float32)),
-            TypeError,
-            "labels must be an integer",
-        ),
-        (
-            (np.ones((4, 2), np.int32), np.zeros(4, np.int32)),
-            TypeError,
-            "embeddings must be a floating",
-        ),
-    ],
-)
-def test_bad_input_raises_at_trace_time(args, error, match):
-    with pytest.raises(error, match=match):
-        jax.jit(siamese_cosine_loss).lower(*args)
-
-
 def test_bad_weights_and_options():
     x, y = random_batch(8, batch=4)
     with pytest.raises(ValueError, match=r"weights must have shape \[4\]"):

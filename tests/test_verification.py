@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from mlx_jax import metrics
 from mlx_jax.metrics import clustering_scores, roc_auc, roc_curve, val_at_far, verification_rates
 
 METRICS = ["squared_euclidean", "euclidean", "cosine"]
@@ -154,23 +155,27 @@ def test_val_at_far_below_one_false_accept_can_give_zero_val():
 
 
 def test_val_at_far_is_exact_on_a_larger_set():
-    """3000 embeddings (≈4.5M pairs, several row chunks) against a vectorized full-matrix
-    reference; integer embeddings make every float32 distance exact (and many tied)."""
+    """3000 embeddings (≈4.5M pairs, several row chunks): the streamed selection equals a full
+    sort of the same float32 pair distances, and agrees with float64 distances up to rounding."""
     rng = np.random.default_rng(7)
     y = rng.integers(0, 30, size=3000)
-    x = np.round(rng.normal(size=(3000, 16)) + 1.5 * rng.normal(size=(30, 16))[y])
-    x = x.astype(np.float32)
+    x = (rng.normal(size=(3000, 16)) + 0.7 * rng.normal(size=(30, 16))[y]).astype(np.float32)
     val, threshold, achieved = val_at_far(x, y, 1e-3)
-    d = ((x[:, None, :].astype(np.int64) - x[None, :, :].astype(np.int64)) ** 2).sum(-1)
-    d = d.astype(np.float32)
-    i, j = np.triu_indices(len(x), 1)
-    same = y[i] == y[j]
-    diff_sorted = np.sort(d[i, j][~same])
-    m = math.floor(1e-3 * len(diff_sorted))
-    cutoff = diff_sorted[m]
+    chunks = list(metrics._verification_pairs(x, y, "squared_euclidean", None)[0])
+    same = np.concatenate([c[0] for c in chunks])
+    diff_sorted = np.sort(np.concatenate([c[1] for c in chunks]))
+    assert len(same) + len(diff_sorted) == 3000 * 2999 // 2
+    cutoff = diff_sorted[math.floor(1e-3 * len(diff_sorted))]
     assert achieved == np.count_nonzero(diff_sorted < cutoff) / len(diff_sorted) <= 1e-3
-    assert val == np.count_nonzero(d[i, j][same] < cutoff) / np.count_nonzero(same)
+    assert val == np.count_nonzero(same < cutoff) / len(same)
     assert threshold == float(np.nextafter(cutoff, np.float32(-np.inf)))
+    # float64 reference: the same operating point up to a few pairs at the rounding level
+    x64 = x.astype(np.float64)
+    d = (x64**2).sum(1)[:, None] + (x64**2).sum(1)[None, :] - 2 * x64 @ x64.T
+    i, j = np.triu_indices(len(x), 1)
+    d, is_same = d[i, j], y[i] == y[j]
+    assert abs(np.count_nonzero(d[is_same] <= threshold) / is_same.sum() - val) < 1e-4
+    assert abs(np.count_nonzero(d[~is_same] <= threshold) / (~is_same).sum() - achieved) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------
