@@ -27,9 +27,10 @@ last bit of a score where the matmul's float32 rounding depends on the chunk's s
 Memory. :func:`search` is jitted and chunked twice: queries in chunks of ``query_chunk_size``
 rows (the chunking of :mod:`mlx_jax.metrics`) and, inside one compiled ``lax.scan``, the gallery
 in chunks of ``chunk_size`` entries, keeping a running top-k that is merged with each chunk's
-scores (one ``lax.top_k`` over [query_chunk, k + chunk]). The largest intermediate is therefore
-[query_chunk, k + chunk], never [queries, gallery]: a 1M-entry gallery is searched with the
-default chunks using about 32 MiB of scores. The gallery itself is not copied or padded (the
+scores (one ``lax.top_k`` over [query_chunk, k + chunk]). The intermediates are therefore one
+[query_chunk, chunk] block of distances (computed by :func:`mlx_jax.distances.pairwise_distances`)
+and its [query_chunk, k + chunk] merge, never [queries, gallery]: with the default chunks that is
+about 16 MiB each, whatever the gallery size. The gallery itself is not copied or padded (the
 last chunk overlaps the previous one and its already-seen entries are masked).
 """
 
