@@ -487,6 +487,10 @@ def run(cfg: Config) -> dict:
     out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
+    if cfg.quiet:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # its one-time dataset preparation bars
     dataset = data_lib.load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
     log(
         f"data: {dataset.source}: {len(dataset.train_labels)} train, "
