@@ -65,8 +65,11 @@ def labels_array(
             f"got shape {_shape_str(labels)}"
         )
     if _is_concrete(labels) and labels.size:
-        low = int(jnp.min(labels))
-        high = int(jnp.max(labels))
+        # NumPy, not jnp: inside a jit trace even a closed-over concrete array would turn
+        # into a tracer under jnp.min.
+        values = np.asarray(labels)
+        low = int(values.min())
+        high = int(values.max())
         upper = num_classes if num_classes is not None else None
         if low < 0 or (upper is not None and high >= upper):
             bound = f"[0, {upper})" if upper is not None else ">= 0"
@@ -90,7 +93,7 @@ def sample_weights(weights, batch: int, dtype, name: str = "weights") -> jax.Arr
             f"{name} must have shape [{batch}] (one weight per embedding), "
             f"got shape {_shape_str(weights)}"
         )
-    if _is_concrete(weights) and weights.size and bool(jnp.any(weights < 0)):
+    if _is_concrete(weights) and weights.size and bool(np.any(np.asarray(weights) < 0)):
         raise ValueError(f"{name} must be non-negative")
     return weights.astype(dtype)
 

@@ -120,7 +120,8 @@ def rank_in_negatives(sorted_negatives: SortedNegatives, thresholds: jax.Array, 
     d <= t ("right"). ``thresholds`` is [B, K]; returns [B, K] int32."""
 
     def one_row(keys, row_thresholds):
-        return jnp.searchsorted(keys, row_thresholds, side=side, method="sort")
+        # "scan" (binary search): ~25x faster than "sort" under vmap on CPU.
+        return jnp.searchsorted(keys, row_thresholds, side=side, method="scan")
 
     ranks = jax.vmap(one_row)(sorted_negatives.keys, jax.lax.stop_gradient(thresholds))
     return jnp.minimum(ranks, sorted_negatives.count[:, None]).astype(jnp.int32)

@@ -1,5 +1,6 @@
 import chex
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,3 +120,11 @@ def test_pml_margins_require_non_squared_form():
         contrastive_loss(x, y, pos_margin=0.2)
     with pytest.raises(ValueError, match="pass squared=False"):
         contrastive_loss(x, y, neg_margin=2.0)
+
+
+def test_concrete_jax_labels_closed_over_inside_jit():
+    x, y = random_batch(10, batch=6)
+    labels = jnp.asarray(y)
+    np.testing.assert_allclose(
+        jax.jit(lambda e: contrastive_loss(e, labels))(x), contrastive_loss(x, y), rtol=1e-6
+    )

@@ -1,0 +1,1180 @@
+"""Forward+backward time and memory of mlx_jax's losses, side by side with
+pytorch-metric-learning (PML) in the same process.
+
+Run ``python -m benchmarks.losses --help`` for the flags. Default: every loss at
+B ∈ {256, 1024, 4096}, D ∈ {128, 512}, C = 10,000 classes for class heads and centers.
+
+What one timed call is
+----------------------
+* **ours**: ``jax.jit(value_and_grad(loss))`` compiled ahead of time, called on device-resident
+  float32 inputs and waited for with ``jax.block_until_ready``. Gradients are taken w.r.t. the
+  embeddings and, for class heads (CosFace, ArcFace, SphereFace) and trained centers
+  (standalone, triplet-center), w.r.t. the class weights W [D, C] / centers [C, D]. For
+  ``center`` (Wen et al.'s α rule) one call is the loss, its gradient w.r.t. the embeddings and
+  the α update of the centers (``mlx_jax.centers.update_centers``, α = 0.5).
+* **PML**: float32 tensors with ``requires_grad`` (and PML's ``W`` parameter), the miner when
+  the loss has one, the loss, ``loss.backward()`` (synchronous on CPU). Gradients are reset to
+  ``None`` before each call.
+* **floor**: one jitted forward matmul at default precision: ``x @ x.T`` ([B, D] × [D, B],
+  2·B²·D flops) for the pair losses, ``x @ W`` ([B, D] × [D, C]) for the class heads and
+  ``x @ centers.T`` for the center losses. A fused fwd+bwd needs at least two such matmuls
+  (the forward one and the one of the backward pass), so ``ours/floor`` ≈ 2 is the matmul bound.
+  Center loss + α update does no matmul at all (a gather and a segment sum): its floor is only a
+  reference at the same operand sizes.
+
+Times are medians over ``--repeats`` calls per side after ``--warmup`` untimed calls. The sides
+(ours, floor, PML) run in alternating **blocks** of ``--block`` calls with a ``--pause`` of sleep
+after each block — not call by call: torch's OpenMP threads keep spinning for a while after each
+call and steal the cores from XLA's threads (measured on the 2-core dev machine: call-by-call
+interleaving made a JAX loss look 10× slower than it is). The first call after a pause wakes
+the library's sleeping threads and is slower for both libraries (measured: ~0.45 vs 0.07 ms for
+a small JAX loss, 2-5 vs 0.9 ms for a small PML loss), so ``--settle`` untimed calls (default 1)
+open every block. The JSON keeps every timed call; a side whose calls spread more than 3×
+(p90/p10) is marked † — on a loaded machine torch alone, without JAX in the process, ran whole
+blocks at ~120 ms instead of ~1 ms (2 OpenMP threads waiting for scheduler ticks), so run the
+benchmark on an otherwise idle machine. Compile time (trace + lower + compile of the jitted
+step) is reported separately.
+
+Threads
+-------
+``--threads N`` (default: every CPU this process may run on) gives both libraries the same N
+cores: the process (all its threads) is pinned to the first N CPUs with ``os.sched_setaffinity``
+before JAX creates its CPU client — XLA sizes its Eigen thread pool from the CPUs in the affinity
+mask, and XLA has no flag for it — and ``torch.set_num_threads(N)``. If JAX's backend already
+exists (JAX used earlier in the process) its pool keeps its size, but its threads still only run
+on the N pinned CPUs; a warning says so.
+
+Memory
+------
+* **ours MiB (XLA)**: XLA's compiled memory analysis of the step, temporaries + outputs (the
+  inputs are not counted); exact buffer sizes, no measurement noise.
+* **ours / PML MiB (RSS)** (``--rss``, default on): peak resident memory *above the inputs*
+  during one call (the largest of 3 calls), measured in one separate worker process for all
+  configurations: the worker runs with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (every buffer
+  ≥ 64 KiB is its own mapping, returned to the OS on free, so freed memory is not silently
+  reused), resets the high-water mark (``/proc/self/clear_refs``) and reports ``VmHWM`` minus
+  the ``VmRSS`` before the call. It is a separate process so the allocator setting does not
+  change the timings. torch has no CPU allocator statistics, hence RSS for PML; the same method
+  is used for ours so the two columns compare. Includes the gradients (outputs) and any library
+  workspace; small configurations (buffers < 64 KiB) read ~0.
+
+Configurations whose memory would exceed ``--max-gb`` are skipped with the reason in the table:
+ours from XLA's analysis before running anything, PML from a rough formula per loss
+(``LossSpec.pml_bytes``; e.g. PML's semi-hard triplet miner builds a B×B×B uint8 tensor for
+B³ < 2³¹ and loops over anchors above that).
+
+Without torch or PML (or with ``--no-pml``) only our columns are produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlx_jax import centers as centers_lib
+from mlx_jax import losses as L
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_BATCHES = (256, 1024, 4096)
+DEFAULT_DIMS = (128, 512)
+DEFAULT_CLASSES = (10_000,)
+MIB = 1 << 20
+# A side whose p90/p10 call time exceeds this is marked † in the table: on a loaded machine
+# torch's timings turn bimodal (blocks of ~1 ms calls and blocks of 60-300 ms calls were seen on
+# the busy 2-core dev machine, with torch alone in the process).
+NOISY_SPREAD = 3.0
+NOISY_NOTE = (
+    "† the timed calls of that side spread more than 3× (p90/p10): the machine was probably "
+    "busy; the per-call times are in the JSON"
+)
+GIB = 1 << 30
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters shared by both sides (chosen once, passed explicitly to both)
+# --------------------------------------------------------------------------------------------
+TRIPLET_MARGIN = 0.2
+CIRCLE_M, CIRCLE_GAMMA = 0.4, 80.0  # PML's CircleLoss defaults
+ARCFACE_MARGIN_RAD, ARCFACE_SCALE = 0.5, 64.0
+COSFACE_MARGIN, COSFACE_SCALE = 0.35, 64.0
+SPHEREFACE_MARGIN = 4
+CENTER_ALPHA = 0.5
+TRIPLET_CENTER_MARGIN = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One benchmark input, float32 NumPy, identical for both libraries.
+
+    ``params`` is W [D, C] for class heads, the centers [C, D] for center losses, None for pair
+    losses.
+    """
+
+    x: np.ndarray
+    labels: np.ndarray
+    params: np.ndarray | None
+
+
+def make_problem(
+    kind: str, batch: int, dim: int, classes: int | None, per_class: int, seed: int
+) -> Problem:
+    """Clustered embeddings: ``per_class`` samples per class (the last class may be smaller),
+    x = 0.6·μ_y + 0.4·noise with μ, noise ~ N(0, I/D), so distances are O(1): margins are
+    violated by some pairs/triplets and not by others, as in training.
+
+    Class weights W (heads, [D, C]) and centers ([C, D]) are N(0, I/D), the batch classes'
+    ones half aligned with their μ (0.5·μ + 0.5·noise): the target cosine is ≈ 0.6, so margin
+    losses are O(1) as mid-training. (With W = μ every sample is classified with a huge margin,
+    the loss is ~1e-5 and float32 cannot compute it to 1e-4 on either side.) The batch's classes
+    are a random subset of the C classes (or wrap around when B / per_class > C).
+    """
+    rng = np.random.default_rng(seed)
+    n_local = -(-batch // per_class)
+    local = rng.permutation(np.arange(batch) // per_class)
+    scale = np.float32(1.0 / math.sqrt(dim))
+    means = rng.standard_normal((n_local, dim), dtype=np.float32) * scale
+    noise = rng.standard_normal((batch, dim), dtype=np.float32) * scale
+    x = (0.6 * means[local] + 0.4 * noise).astype(np.float32)
+    if kind == "pair":
+        return Problem(x, local.astype(np.int32), None)
+    assert classes is not None
+    if n_local <= classes:
+        ids = rng.choice(classes, size=n_local, replace=False)
+    else:
+        ids = np.arange(n_local) % classes
+    labels = ids[local].astype(np.int32)
+    params = rng.standard_normal((classes, dim), dtype=np.float32) * scale
+    params[ids] = 0.5 * means + 0.5 * params[ids]
+    if kind == "head":
+        params = np.ascontiguousarray(params.T)  # W [D, C]
+    return Problem(x, labels, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Our side: jitted steps
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
+    def step(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jax.value_and_grad(lambda e: loss(e, labels))(x)
+
+    return step
+
+
+def _param_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
+    """Loss and gradients w.r.t. (embeddings, W or centers)."""
+
+    def step(x: jax.Array, params: jax.Array, labels: jax.Array):
+        return jax.value_and_grad(lambda e, p: loss(e, labels, p), argnums=(0, 1))(x, params)
+
+    return step
+
+
+def _center_alpha_step(x: jax.Array, centers: jax.Array, labels: jax.Array):
+    """Center loss, its gradient w.r.t. the embeddings, and the α update of the centers."""
+    value, grad = jax.value_and_grad(lambda e: L.center_loss(e, labels, centers))(x)
+    return value, grad, centers_lib.update_centers(centers, x, labels, CENTER_ALPHA)
+
+
+# --------------------------------------------------------------------------------------------
+# PML side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Torch:
+    """torch and the PML modules, imported lazily (both are optional)."""
+
+    torch: Any
+    losses: Any
+    miners: Any
+    distances: Any
+    reducers: Any
+    version: str
+    pml_version: str
+
+
+def load_pml() -> tuple[Torch | None, str]:
+    """(modules, "") or (None, why not)."""
+    try:
+        import pytorch_metric_learning as pml
+        import torch
+        from pytorch_metric_learning import distances, losses, miners, reducers
+    except ImportError as error:
+        return None, f"torch/pytorch-metric-learning not importable ({error})"
+    return Torch(torch, losses, miners, distances, reducers, torch.__version__, pml.__version__), ""
+
+
+PmlCall = Callable[[], Any]
+
+
+def _pml_pair(make_loss, make_miner=None) -> Callable[[Problem, Torch], PmlCall]:
+    def build(problem: Problem, t: Torch) -> PmlCall:
+        emb = t.torch.tensor(problem.x, requires_grad=True)
+        labels = t.torch.from_numpy(problem.labels.astype(np.int64))
+        loss_fn = make_loss(t)
+        miner = make_miner(t) if make_miner is not None else None
+
+        def call():
+            emb.grad = None
+            if miner is None:
+                loss = loss_fn(emb, labels)
+            else:
+                loss = loss_fn(emb, labels, miner(emb, labels))
+            loss.backward()
+            return loss
+
+        return call
+
+    return build
+
+
+def _pml_head(make_loss) -> Callable[[Problem, Torch], PmlCall]:
+    def build(problem: Problem, t: Torch) -> PmlCall:
+        assert problem.params is not None
+        dim, classes = problem.params.shape
+        with warnings.catch_warnings():  # PML's SphereFace init trips a NumPy 2 deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            loss_fn = make_loss(t, classes, dim)
+        loss_fn.W.data = t.torch.from_numpy(problem.params.copy())
+        emb = t.torch.tensor(problem.x, requires_grad=True)
+        labels = t.torch.from_numpy(problem.labels.astype(np.int64))
+
+        def call():
+            emb.grad = None
+            loss_fn.W.grad = None
+            loss = loss_fn(emb, labels)
+            loss.backward()
+            return loss
+
+        return call
+
+    return build
+
+
+def _lp(t: Torch):
+    return t.distances.LpDistance(normalize_embeddings=False)
+
+
+# Rough upper estimates of PML's peak memory in bytes (batch, dim, classes) → bytes, read off
+# its code (PML 2.9): the guard for --max-gb, not a measurement (that is the RSS column).
+def _pml_pairs_bytes(batch: int) -> float:
+    # B×B distances, uint8 masks, int64 index pairs for all B² negatives (16 B/pair), gathered
+    # distances, losses and their gradients.
+    return 45.0 * batch * batch
+
+
+def _pml_semihard_bytes(batch: int, per_class: int) -> float:
+    triplets = batch * (per_class - 1) * (batch - per_class)
+    cube = batch**3 if batch**3 < 2**31 - 1 else 0  # vectorized miner: a B×B×B uint8 tensor
+    return cube + 100.0 * triplets + 30.0 * batch * batch
+
+
+def _pml_head_bytes(batch: int, dim: int, classes: int) -> float:
+    # ~12 float32 [B, C] tensors (cosines, float mask, logits, softmax, their gradients) + W grad.
+    return 48.0 * batch * classes + 8.0 * dim * classes
+
+
+# --------------------------------------------------------------------------------------------
+# The losses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One benchmarked loss: our step, PML's equivalent (None: ours only) and its floor."""
+
+    name: str
+    kind: str  # "pair" (labels only), "head" (W [D, C]), "center" (centers [C, D])
+    ours: str  # how ours is called (for the report)
+    step: Callable[..., Any]
+    pml: str | None = None
+    pml_build: Callable[[Problem, Torch], PmlCall] | None = None
+    pml_bytes: Callable[[int, int, int, int], float] | None = None  # (B, D, C, per_class)
+
+    @property
+    def floor(self) -> str:
+        return {"pair": "x @ x.T", "head": "x @ W", "center": "x @ centers.T"}[self.kind]
+
+
+def _contrastive(x, y):
+    return L.contrastive_loss(
+        x,
+        y,
+        squared=False,
+        pos_margin=0.0,
+        neg_margin=1.0,
+        balance="pos_neg",
+        reduction="mean_nonzero",
+    )
+
+
+def _triplet(mining: str):
+    def loss(x, y):
+        return L.triplet_loss(
+            x, y, margin=TRIPLET_MARGIN, mining=mining, squared=False, reduction="mean_nonzero"
+        )
+
+    return loss
+
+
+SPECS: tuple[LossSpec, ...] = (
+    LossSpec(
+        name="contrastive",
+        kind="pair",
+        ours="contrastive_loss(squared=False, pos_margin=0, neg_margin=1, balance='pos_neg', "
+        "reduction='mean_nonzero')",
+        step=_pair_step(_contrastive),
+        pml="ContrastiveLoss(pos_margin=0, neg_margin=1, distance=LpDistance(normalize=False))",
+        pml_build=_pml_pair(
+            lambda t: t.losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0, distance=_lp(t))
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_pairs_bytes(b),
+    ),
+    LossSpec(
+        name="triplet_batch_hard",
+        kind="pair",
+        ours=f"triplet_loss(margin={TRIPLET_MARGIN}, mining='batch_hard', squared=False, "
+        "reduction='mean_nonzero')",
+        step=_pair_step(_triplet("batch_hard")),
+        pml=f"TripletMarginLoss(margin={TRIPLET_MARGIN}) + BatchHardMiner, "
+        "LpDistance(normalize=False)",
+        pml_build=_pml_pair(
+            lambda t: t.losses.TripletMarginLoss(margin=TRIPLET_MARGIN, distance=_lp(t)),
+            lambda t: t.miners.BatchHardMiner(distance=_lp(t)),
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_pairs_bytes(b),
+    ),
+    LossSpec(
+        name="triplet_semihard_band",
+        kind="pair",
+        ours=f"triplet_loss(margin={TRIPLET_MARGIN}, mining='semihard_band', squared=False, "
+        "reduction='mean_nonzero')",
+        step=_pair_step(_triplet("semihard_band")),
+        pml=f"TripletMarginLoss(margin={TRIPLET_MARGIN}) + TripletMarginMiner(margin="
+        f"{TRIPLET_MARGIN}, type_of_triplets='semihard'), LpDistance(normalize=False)",
+        pml_build=_pml_pair(
+            lambda t: t.losses.TripletMarginLoss(margin=TRIPLET_MARGIN, distance=_lp(t)),
+            lambda t: t.miners.TripletMarginMiner(
+                margin=TRIPLET_MARGIN, type_of_triplets="semihard", distance=_lp(t)
+            ),
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_semihard_bytes(b, k),
+    ),
+    LossSpec(
+        name="circle",
+        kind="pair",
+        ours=f"circle_loss(m={CIRCLE_M}, gamma={CIRCLE_GAMMA:g}, reduction='mean_nonzero')",
+        step=_pair_step(
+            lambda x, y: L.circle_loss(
+                x, y, m=CIRCLE_M, gamma=CIRCLE_GAMMA, reduction="mean_nonzero"
+            )
+        ),
+        pml=f"CircleLoss(m={CIRCLE_M}, gamma={CIRCLE_GAMMA:g})",
+        pml_build=_pml_pair(lambda t: t.losses.CircleLoss(m=CIRCLE_M, gamma=CIRCLE_GAMMA)),
+        pml_bytes=lambda b, d, c, k: 2.0 * _pml_pairs_bytes(b),
+    ),
+    LossSpec(
+        name="cosface",
+        kind="head",
+        ours=f"cosface_loss(scale={COSFACE_SCALE:g}, margin={COSFACE_MARGIN})",
+        step=_param_step(
+            lambda x, y, w: L.cosface_loss(x, y, w, scale=COSFACE_SCALE, margin=COSFACE_MARGIN)
+        ),
+        pml=f"CosFaceLoss(margin={COSFACE_MARGIN}, scale={COSFACE_SCALE:g}, MeanReducer)",
+        pml_build=_pml_head(
+            lambda t, c, d: t.losses.CosFaceLoss(
+                num_classes=c,
+                embedding_size=d,
+                margin=COSFACE_MARGIN,
+                scale=COSFACE_SCALE,
+                reducer=t.reducers.MeanReducer(),
+            )
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
+    ),
+    LossSpec(
+        name="arcface",
+        kind="head",
+        ours=f"arcface_loss(scale={ARCFACE_SCALE:g}, margin={ARCFACE_MARGIN_RAD} rad)",
+        step=_param_step(
+            lambda x, y, w: L.arcface_loss(
+                x, y, w, scale=ARCFACE_SCALE, margin=ARCFACE_MARGIN_RAD, boundary="monotonic"
+            )
+        ),
+        pml=f"ArcFaceLoss(margin={math.degrees(ARCFACE_MARGIN_RAD):.4f} degrees, "
+        f"scale={ARCFACE_SCALE:g}, MeanReducer)",
+        pml_build=_pml_head(
+            lambda t, c, d: t.losses.ArcFaceLoss(
+                num_classes=c,
+                embedding_size=d,
+                margin=math.degrees(ARCFACE_MARGIN_RAD),
+                scale=ARCFACE_SCALE,
+                reducer=t.reducers.MeanReducer(),
+            )
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
+    ),
+    LossSpec(
+        name="sphereface",
+        kind="head",
+        ours=f"sphereface_loss(margin={SPHEREFACE_MARGIN}, annealing_lambda=0, scale=None)",
+        step=_param_step(
+            lambda x, y, w: L.sphereface_loss(
+                x, y, w, margin=SPHEREFACE_MARGIN, annealing_lambda=0.0, scale=None
+            )
+        ),
+        pml=f"SphereFaceLoss(margin={SPHEREFACE_MARGIN}, scale=1, MeanReducer)",
+        pml_build=_pml_head(
+            lambda t, c, d: t.losses.SphereFaceLoss(
+                num_classes=c,
+                embedding_size=d,
+                margin=SPHEREFACE_MARGIN,
+                scale=1,
+                reducer=t.reducers.MeanReducer(),
+            )
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
+    ),
+    LossSpec(
+        name="center",
+        kind="center",
+        ours=f"center_loss, grad w.r.t. x, update_centers(alpha={CENTER_ALPHA})",
+        step=_center_alpha_step,
+    ),
+    LossSpec(
+        name="standalone_center",
+        kind="center",
+        ours="standalone_center_loss(), grads w.r.t. x and centers",
+        step=_param_step(lambda x, y, c: L.standalone_center_loss(x, y, c)),
+    ),
+    LossSpec(
+        name="triplet_center",
+        kind="center",
+        ours=f"triplet_center_loss(margin={TRIPLET_CENTER_MARGIN}), grads w.r.t. x and centers",
+        step=_param_step(
+            lambda x, y, c: L.triplet_center_loss(x, y, c, margin=TRIPLET_CENTER_MARGIN)
+        ),
+    ),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling and timing
+# --------------------------------------------------------------------------------------------
+
+
+def _device_args(spec: LossSpec, problem: Problem) -> tuple[jax.Array, ...]:
+    x = jnp.asarray(problem.x)
+    labels = jnp.asarray(problem.labels)
+    if spec.kind == "pair":
+        return (x, labels)
+    return (x, jnp.asarray(problem.params), labels)
+
+
+def _floor_fn(kind: str) -> Callable[..., jax.Array]:
+    if kind == "pair":
+        return lambda x: x @ x.T
+    if kind == "head":
+        return lambda x, w: x @ w
+    return lambda x, c: x @ c.T
+
+
+@dataclasses.dataclass
+class Compiled:
+    """Our compiled step with its inputs, compile time and XLA's memory analysis."""
+
+    run: Callable[[], Any]
+    compile_s: float
+    memory: dict[str, int]
+
+    @property
+    def needed_bytes(self) -> int:
+        """Arguments + outputs + temporaries: what one call holds at most."""
+        m = self.memory
+        return m.get("argument", 0) + m.get("output", 0) + m.get("temp", 0) - m.get("alias", 0)
+
+    @property
+    def work_bytes(self) -> int:
+        """Outputs + temporaries (the inputs not counted), comparable to the RSS column."""
+        return self.memory.get("output", 0) + self.memory.get("temp", 0)
+
+
+def _memory_dict(compiled: Any) -> dict[str, int]:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend or version implements it
+        return {}
+    if stats is None:
+        return {}
+    out = {}
+    for key in ("argument", "output", "temp", "alias", "generated_code"):
+        value = getattr(stats, f"{key}_size_in_bytes", None)
+        if value is not None:
+            out[key] = int(value)
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    if peak:
+        out["peak"] = int(peak)
+    return out
+
+
+def compile_step(fn: Callable[..., Any], args: Sequence[jax.Array]) -> Compiled:
+    """jit + lower + compile ahead of time (the compile time), then a runner that blocks."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+
+    def run():
+        return jax.block_until_ready(compiled(*args))
+
+    return Compiled(run, compile_s, _memory_dict(compiled))
+
+
+def timed_blocks(
+    sides: dict[str, Callable[[], Any]],
+    repeats: int,
+    block: int,
+    pause: float,
+    warmup: int,
+    settle: int = 0,
+) -> dict[str, list[float]]:
+    """Seconds per call of each side, ``repeats`` each, in alternating blocks of ``block``
+    timed calls with ``pause`` seconds of sleep after every block. ``warmup`` untimed calls per
+    side come first, and ``settle`` untimed calls open every block."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+        time.sleep(pause)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    while any(len(t) < repeats for t in times.values()):
+        for name, fn in sides.items():
+            n = min(block, repeats - len(times[name]))
+            if n <= 0:
+                continue
+            for _ in range(settle):
+                fn()
+            for _ in range(n):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            time.sleep(pause)
+    return times
+
+
+# --------------------------------------------------------------------------------------------
+# One configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """Results for one (loss, B, D, C). Times in ms (medians), memory in bytes."""
+
+    loss: str
+    batch: int
+    dim: int
+    classes: int | None
+    floor: str
+    ours_status: str = "ok"
+    ours_ms: float | None = None
+    ours_compile_s: float | None = None
+    ours_xla_bytes: int | None = None
+    ours_xla_memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    floor_ms: float | None = None
+    pml_status: str = "absent"
+    pml_ms: float | None = None
+    ours_loss: float | None = None
+    pml_loss: float | None = None
+    ours_rss_bytes: int | None = None
+    pml_rss_bytes: int | None = None
+    ours_times_ms: list[float] = dataclasses.field(default_factory=list)
+    floor_times_ms: list[float] = dataclasses.field(default_factory=list)
+    pml_times_ms: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def pml_over_ours(self) -> float | None:
+        if self.pml_ms is None or not self.ours_ms:
+            return None
+        return self.pml_ms / self.ours_ms
+
+    @property
+    def ours_over_floor(self) -> float | None:
+        if self.ours_ms is None or not self.floor_ms:
+            return None
+        return self.ours_ms / self.floor_ms
+
+    @property
+    def loss_rel_diff(self) -> float | None:
+        if self.ours_loss is None or self.pml_loss is None:
+            return None
+        return abs(self.ours_loss - self.pml_loss) / max(abs(self.pml_loss), 1e-30)
+
+    def spread(self, side: str) -> float | None:
+        """p90 / p10 of a side's timed calls ("ours", "floor" or "pml"); None without calls."""
+        times = getattr(self, f"{side}_times_ms")
+        if not times:
+            return None
+        low, high = np.quantile(times, [0.1, 0.9])
+        return float(high / low) if low > 0 else math.inf
+
+    def noisy(self, side: str) -> bool:
+        spread = self.spread(side)
+        return spread is not None and spread > NOISY_SPREAD
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["pml_over_ours"] = self.pml_over_ours
+        out["ours_over_floor"] = self.ours_over_floor
+        out["loss_rel_diff"] = self.loss_rel_diff
+        for side in ("ours", "floor", "pml"):
+            out[f"{side}_spread"] = self.spread(side)
+        return out
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def bench_one(
+    spec: LossSpec,
+    batch: int,
+    dim: int,
+    classes: int | None,
+    args: argparse.Namespace,
+    t: Torch | None,
+    pml_reason: str,
+) -> Row:
+    """Compiles, checks the memory guard, and times ours, the floor and PML in blocks."""
+    row = Row(spec.name, batch, dim, classes, spec.floor)
+    problem = make_problem(spec.kind, batch, dim, classes, args.per_class, args.seed)
+    limit = args.max_gb * GIB
+    device_args = _device_args(spec, problem)
+    ours = compile_step(spec.step, device_args)
+    row.ours_compile_s = ours.compile_s
+    row.ours_xla_memory = ours.memory
+    row.ours_xla_bytes = ours.work_bytes if ours.memory else None
+    sides: dict[str, Callable[[], Any]] = {}
+    if ours.memory and ours.needed_bytes > limit:
+        row.ours_status = f"skipped: XLA needs {ours.needed_bytes / GIB:.1f} GiB > --max-gb"
+    else:
+        sides["ours"] = ours.run
+        row.ours_loss = float(ours.run()[0])
+    floor_args = device_args[:1] if spec.kind == "pair" else device_args[:2]
+    floor = compile_step(_floor_fn(spec.kind), floor_args)
+    if floor.needed_bytes <= limit:
+        sides["floor"] = floor.run
+
+    if spec.pml_build is None:
+        row.pml_status = "no PML equivalent"
+    elif t is None:
+        row.pml_status = pml_reason
+    else:
+        assert spec.pml_bytes is not None
+        estimate = spec.pml_bytes(batch, dim, classes or 0, args.per_class)
+        if estimate > limit:
+            row.pml_status = f"skipped: estimated {estimate / GIB:.1f} GiB > --max-gb"
+        else:
+            call = spec.pml_build(problem, t)
+            row.pml_loss = float(call().detach())
+            row.pml_status = "ok"
+            sides["pml"] = call
+
+    times = timed_blocks(sides, args.repeats, args.block, args.pause, args.warmup, args.settle)
+    if "ours" in times:
+        row.ours_times_ms = [1e3 * s for s in times["ours"]]
+        row.ours_ms = _median_ms(times["ours"])
+    if "floor" in times:
+        row.floor_times_ms = [1e3 * s for s in times["floor"]]
+        row.floor_ms = _median_ms(times["floor"])
+    if "pml" in times:
+        row.pml_times_ms = [1e3 * s for s in times["pml"]]
+        row.pml_ms = _median_ms(times["pml"])
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Peak RSS, in a worker process
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_rss_delta(fn: Callable[[], Any], calls: int = 3) -> int:
+    """Peak RSS above the RSS before the call while ``fn`` runs (its result is dropped), in
+    bytes; the largest of ``calls`` calls (memory freed meanwhile, e.g. by a late garbage
+    collection of the previous configuration, can only make one call read low)."""
+    peak = 0
+    for _ in range(calls):
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _proc_status_kib("VmRSS")
+        fn()
+        peak = max(peak, 1024 * (_proc_status_kib("VmHWM") - before))
+    return peak
+
+
+def rss_worker() -> None:
+    """Reads a JSON job on stdin, prints one JSON line per configuration (peak RSS deltas).
+
+    Started by :func:`measure_rss` with ``MALLOC_MMAP_THRESHOLD_`` set; not a CLI of its own.
+    """
+    job = json.load(sys.stdin)
+    pin_threads(job["threads"])
+    t, _ = load_pml() if job["pml"] else (None, "")
+    if t is not None:
+        t.torch.set_num_threads(job["threads"])
+    for config in job["configs"]:
+        spec = SPEC_BY_NAME[config["loss"]]
+        problem = make_problem(
+            spec.kind,
+            config["batch"],
+            config["dim"],
+            config["classes"],
+            job["per_class"],
+            job["seed"],
+        )
+        out: dict[str, Any] = {"index": config["index"]}
+        if config["ours"]:
+            ours = compile_step(spec.step, _device_args(spec, problem))
+            ours.run()
+            out["ours"] = _peak_rss_delta(ours.run)
+            del ours
+        if config["pml"] and t is not None and spec.pml_build is not None:
+            call = spec.pml_build(problem, t)
+            call()
+            out["pml"] = _peak_rss_delta(call)
+            del call
+        gc.collect()
+        print(json.dumps(out), flush=True)
+
+
+def measure_rss(rows: list[Row], args: argparse.Namespace, threads: int, with_pml: bool) -> str:
+    """Fills ``*_rss_bytes`` of ``rows`` from one worker process; returns "" or why not."""
+    if not pathlib.Path("/proc/self/clear_refs").exists():
+        return "no /proc/self/clear_refs (Linux only)"
+    configs = [
+        {
+            "index": i,
+            "loss": r.loss,
+            "batch": r.batch,
+            "dim": r.dim,
+            "classes": r.classes,
+            "ours": r.ours_status == "ok",
+            "pml": r.pml_status == "ok",
+        }
+        for i, r in enumerate(rows)
+    ]
+    job = {
+        "configs": configs,
+        "threads": threads,
+        "per_class": args.per_class,
+        "seed": args.seed,
+        "pml": with_pml,
+    }
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.losses import rss_worker; rss_worker()"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        check=False,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            row = rows[result["index"]]
+            row.ours_rss_bytes = result.get("ours")
+            row.pml_rss_bytes = result.get("pml")
+    if proc.returncode != 0:
+        return f"RSS worker failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True  # unknown: assume the worst (only changes a warning)
+
+
+def pin_threads(threads: int | None) -> int:
+    """Pins every thread of this process to the first ``threads`` allowed CPUs (default: all
+    of them) so XLA's pool — sized from the affinity mask when JAX's CPU client is created —
+    and torch (set separately) use the same cores. Returns the number of threads."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads is None or threads == len(allowed):
+        return len(allowed)
+    if not 1 <= threads <= len(allowed):
+        raise ValueError(f"--threads must be in [1, {len(allowed)}], got {threads}")
+    if _backends_initialized():
+        warnings.warn(
+            "JAX's CPU backend already exists: XLA's thread pool keeps its size; its threads "
+            f"are only confined to {threads} CPUs",
+            stacklevel=2,
+        )
+    cpus = set(allowed[:threads])
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return threads
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / MIB:.1f}"
+
+
+def _ms(row: Row, side: str, value: float | None, spec: str) -> str:
+    """A median time, marked † when that side's calls were noisy."""
+    return _fmt(value, spec) + (" †" if row.noisy(side) else "")
+
+
+def format_table(rows: list[Row], with_pml: bool, with_rss: bool) -> str:
+    """The markdown table (one row per configuration)."""
+    head = ["loss", "B", "D", "C", "ours ms"]
+    if with_pml:
+        head += ["PML ms", "PML/ours"]
+    head += ["floor", "floor ms", "ours/floor", "ours compile s", "ours MiB (XLA)"]
+    if with_rss:
+        head += ["ours MiB (RSS)"] + (["PML MiB (RSS)"] if with_pml else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        ours_ms = _ms(r, "ours", r.ours_ms, ".2f") if r.ours_status == "ok" else r.ours_status
+        cells = [r.loss, str(r.batch), str(r.dim), "–" if r.classes is None else str(r.classes)]
+        cells.append(ours_ms)
+        if with_pml:
+            pml_ms = _ms(r, "pml", r.pml_ms, ".2f") if r.pml_status == "ok" else r.pml_status
+            cells += [pml_ms, _fmt(r.pml_over_ours, ".2f")]
+        cells += [
+            f"`{r.floor}`",
+            _ms(r, "floor", r.floor_ms, ".3f"),
+            _fmt(r.ours_over_floor, ".2f"),
+            _fmt(r.ours_compile_s, ".2f"),
+            _mib(r.ours_xla_bytes),
+        ]
+        if with_rss:
+            cells.append(_mib(r.ours_rss_bytes))
+            if with_pml:
+                cells.append(_mib(r.pml_rss_bytes))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def metadata(
+    args: argparse.Namespace, argv: Sequence[str], threads: int, t: Torch | None
+) -> dict[str, Any]:
+    """Machine, versions, command and settings for the report."""
+    return {
+        "command": " ".join(["python -m benchmarks.losses", *argv]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "threads": threads,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "torch": None if t is None else t.version,
+        "pytorch_metric_learning": None if t is None else t.pml_version,
+        "dtype": "float32",
+        "per_class": args.per_class,
+        "repeats": args.repeats,
+        "block": args.block,
+        "pause_s": args.pause,
+        "warmup": args.warmup,
+        "settle": args.settle,
+        "max_gb": args.max_gb,
+        "seed": args.seed,
+        "losses": {
+            s.name: {"ours": s.ours, "pml": s.pml, "floor": s.floor}
+            for s in SPECS
+            if s.name in args.losses
+        },
+    }
+
+
+def markdown_report(meta: dict[str, Any], table: str, notes: list[str]) -> str:
+    lines = [
+        "# Loss benchmarks: mlx_jax vs pytorch-metric-learning",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}; {meta['threads']} threads for XLA and torch",
+        f"- versions: Python {meta['python']}, jax {meta['jax']}, numpy {meta['numpy']}, "
+        f"torch {meta['torch']}, PML {meta['pytorch_metric_learning']}",
+        f"- {meta['date_utc']} UTC; float32; {meta['per_class']} samples per class; median of "
+        f"{meta['repeats']} fwd+bwd calls per side, blocks of {meta['block']} with "
+        f"{meta['pause_s']} s pauses, {meta['warmup']} warm-up calls per side and "
+        f"{meta['settle']} untimed call(s) opening each block",
+        "- floor: one forward matmul (`x @ x.T`, `x @ W` or `x @ centers.T`); fwd+bwd needs "
+        "≥ 2 of them. ours MiB (XLA): temporaries + outputs from XLA's memory analysis; "
+        "MiB (RSS): peak resident memory above the inputs during one call (worker process). "
+        "See `python -m benchmarks.losses --help`.",
+        *(f"- note: {n}" for n in notes),
+        "",
+        table,
+        "",
+        "Configurations:",
+        "",
+        *(
+            f"- `{name}`: ours `{c['ours']}`" + (f"; PML `{c['pml']}`" if c["pml"] else "")
+            for name, c in meta["losses"].items()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+DESCRIPTION = """\
+Time forward+backward of mlx_jax's losses (jitted value_and_grad) and of the same losses in
+pytorch-metric-learning (PML), in one process with the same threads; plus the matmul floor,
+compile time and peak memory. Prints a markdown table, writes it with the setup to --out and
+JSON (every timed call included) next to it.
+"""
+EPILOG = """\
+columns:
+  ours ms / PML ms   median time of one forward+backward call (gradients w.r.t. the
+                     embeddings and W / centers; center: loss grad + alpha update)
+  floor ms           one jitted forward matmul: x @ x.T for pair losses, x @ W for class
+                     heads, x @ centers.T for center losses; fwd+bwd needs >= 2 of them
+  ours compile s     trace + lower + compile of the jitted step (not in ours ms)
+  ours MiB (XLA)     XLA's compiled memory analysis: temporaries + outputs
+  ... MiB (RSS)      peak resident memory above the inputs during one call, measured in a
+                     worker process with MALLOC_MMAP_THRESHOLD_=65536 (--rss)
+Timing runs ours, floor and PML in alternating blocks (--block calls, then --pause s of
+sleep), never call by call: the libraries' threads steal each other's cores otherwise.
+--threads gives XLA and torch the same CPUs and thread count.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the epilog's layout."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.losses",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        default=[s.name for s in SPECS],
+        choices=[s.name for s in SPECS],
+        metavar="LOSS",
+        help="losses to run, from: " + ", ".join(s.name for s in SPECS),
+    )
+    p.add_argument(
+        "--batch", nargs="+", type=int, default=list(DEFAULT_BATCHES), help="batch sizes B"
+    )
+    p.add_argument(
+        "--dim", nargs="+", type=int, default=list(DEFAULT_DIMS), help="embedding sizes D"
+    )
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_CLASSES),
+        help="numbers of classes C for class heads (W is [D, C]) and center losses (centers "
+        "[C, D]); pair losses ignore it. The issue's floor comparison uses 100000.",
+    )
+    p.add_argument(
+        "--per-class",
+        type=int,
+        default=4,
+        help="samples per class in a batch (labels: B / per-class classes)",
+    )
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per side (median)")
+    p.add_argument("--block", type=int, default=5, help="calls per block before switching side")
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.2,
+        help="seconds of sleep after every block (lets torch's OpenMP threads stop spinning)",
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per side first")
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=1,
+        help="untimed calls at the start of every block: the first call after a pause pays "
+        "for waking the library's sleeping threads; 0 times every call",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for both XLA and torch: pins the process to the first N allowed CPUs "
+        "(XLA sizes its pool from them) and sets torch.set_num_threads(N); default: all "
+        "allowed CPUs",
+    )
+    p.add_argument(
+        "--max-gb",
+        type=float,
+        default=8.0,
+        help="skip a side of a configuration whose memory would exceed this many GiB (ours: "
+        "XLA's analysis; PML: a rough estimate per loss)",
+    )
+    p.add_argument(
+        "--rss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure peak RSS of one call of each side in a worker process (adds one "
+        "compile per configuration)",
+    )
+    p.add_argument(
+        "--pml",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time PML too (when torch and pytorch-metric-learning are importable)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=RESULTS_DIR / "losses.md",
+        help="markdown report path; the JSON goes next to it with the suffix .json",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("batch", "dim", "classes"):
+        if any(v < 1 for v in getattr(args, name)):
+            p.error(f"--{name} values must be >= 1")
+    if any(c < 2 for c in args.classes):
+        p.error("--classes values must be >= 2 (triplet-center needs another class)")
+    if args.per_class < 2:
+        p.error("--per-class must be >= 2 (pair losses need positives)")
+    if any(b < 2 * args.per_class for b in args.batch):
+        p.error("every --batch must hold at least two classes (>= 2 × --per-class)")
+    if min(args.repeats, args.block) < 1 or min(args.warmup, args.settle, args.pause) < 0:
+        p.error("--repeats and --block must be >= 1, --warmup, --settle and --pause >= 0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        threads = pin_threads(args.threads)
+    except ValueError as error:
+        parser.error(str(error))
+    t, pml_reason = load_pml() if args.pml else (None, "disabled by --no-pml")
+    if t is not None:
+        t.torch.set_num_threads(threads)
+    notes = [] if t is not None else [f"PML columns omitted: {pml_reason}"]
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    rows: list[Row] = []
+    for spec in SPECS:
+        if spec.name not in args.losses:
+            continue
+        for batch in args.batch:
+            for dim in args.dim:
+                for classes in [None] if spec.kind == "pair" else args.classes:
+                    row = bench_one(spec, batch, dim, classes, args, t, pml_reason)
+                    rows.append(row)
+                    log(
+                        f"{spec.name} B={batch} D={dim} C={classes}: ours "
+                        f"{_fmt(row.ours_ms, '.2f')} ms ({row.ours_status}), PML "
+                        f"{_fmt(row.pml_ms, '.2f')} ms ({row.pml_status}), floor "
+                        f"{_fmt(row.floor_ms, '.3f')} ms, compile {row.ours_compile_s:.2f} s"
+                    )
+                    diff = row.loss_rel_diff
+                    if diff is not None and diff > 1e-4:
+                        log(f"  warning: losses differ: ours {row.ours_loss}, PML {row.pml_loss}")
+    if args.rss:
+        log("measuring peak RSS in a worker process ...")
+        problem = measure_rss(rows, args, threads, with_pml=t is not None)
+        if problem:
+            notes.append(problem)
+            log(problem)
+
+    if any(r.noisy(side) for r in rows for side in ("ours", "floor", "pml")):
+        notes.append(NOISY_NOTE)
+    meta = metadata(args, argv, threads, t)
+    table = format_table(rows, with_pml=t is not None, with_rss=args.rss)
+    print(table)
+    out: pathlib.Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown_report(meta, table, notes))
+    payload = {"meta": meta, "notes": notes, "rows": [r.to_json() for r in rows]}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    log(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
