@@ -75,7 +75,7 @@ def ours_value_and_grads(fn, x, labels, w):
         return float(value), np.asarray(gx), np.asarray(gw)
 
 
-def compare(name, ours, theirs):
+def assert_parity(name, ours, theirs):
     (v, gx, gw), (tv, tgx, tgw) = ours, theirs
     _record(name, "loss", v, tv)
     _record(name, "grad_x", gx, tgx)
@@ -96,7 +96,7 @@ def test_cosface(seed, scale):
         scale=scale,
         reducer=pml_reducers.MeanReducer(),
     )
-    compare(
+    assert_parity(
         "CosFace",
         ours_value_and_grads(lambda e, lab, cw: cosface_loss(e, lab, cw, scale=scale), x, y, w),
         pml_value_and_grads(loss_fn, x, y, w),
@@ -120,7 +120,7 @@ def test_arcface(seed, scale, opposite):
         scale=scale,
         reducer=pml_reducers.MeanReducer(),
     )
-    compare(
+    assert_parity(
         "ArcFace",
         ours_value_and_grads(
             lambda e, lab, cw: arcface_loss(
@@ -145,7 +145,7 @@ def test_sphereface(seed, margin):
         scale=1,
         reducer=pml_reducers.MeanReducer(),
     )
-    compare(
+    assert_parity(
         "SphereFace",
         ours_value_and_grads(
             lambda e, lab, cw: sphereface_loss(

@@ -35,7 +35,7 @@ def ours_value_and_grad(fn, x):
         return float(value), np.asarray(grad)
 
 
-def compare(name, ours, theirs, rtol=1e-6):
+def assert_parity(name, ours, theirs, rtol=1e-6):
     (v1, g1), (v2, g2) = ours, theirs
     np.testing.assert_allclose(v1, v2, rtol=rtol, atol=1e-9)
     np.testing.assert_allclose(g1, g2, rtol=rtol, atol=1e-9)
@@ -61,7 +61,7 @@ def test_batch_hard(squared, margin, seed):
             ),
             x,
         )
-        compare("triplet batch_hard", ours, theirs)
+        assert_parity("triplet batch_hard", ours, theirs)
 
 
 @pytest.mark.parametrize("squared", [False, True])
@@ -83,7 +83,7 @@ def test_semihard_band(squared, margin, seed):
             ),
             x,
         )
-        compare("triplet semihard_band", ours, theirs)
+        assert_parity("triplet semihard_band", ours, theirs)
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -98,7 +98,7 @@ def test_all_triplets(soft, seed):
     ours = ours_value_and_grad(
         lambda e: triplet_loss(e, y, margin=0.3, mining="all", squared=False, soft=soft), x
     )
-    compare("triplet all" + (" soft" if soft else ""), ours, theirs)
+    assert_parity("triplet all" + (" soft" if soft else ""), ours, theirs)
 
 
 def test_report_largest_errors():
