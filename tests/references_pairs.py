@@ -10,21 +10,9 @@ import math
 
 import numpy as np
 
+from tests.references import _reduce
+
 EPS = 1e-12  # a zero vector's norm is taken as EPS (torch.nn.functional.normalize's eps)
-
-
-def _reduce(terms: list[tuple[float, float]], reduction: str) -> float:
-    """terms: (unweighted loss, weight) per term."""
-    total = sum(loss * w for loss, w in terms)
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        den = sum(w for _, w in terms)
-    elif reduction == "mean_nonzero":
-        den = sum(w for loss, w in terms if loss > 0)
-    else:
-        raise ValueError(reduction)
-    return total / den if den > 0 else 0.0
 
 
 def cosine(a, b) -> float:
