@@ -62,9 +62,13 @@ def _cent(model, f, y, step, cfg):
 
 def _standalone(model, f, y, step, cfg):
     c = model.centers()
-    intra = L.standalone_center_loss(f, y, c, weight_intra=cfg.weight_intra, weight_inter=0.0)
-    inter = L.standalone_center_loss(f, y, c, weight_intra=0.0, weight_inter=cfg.weight_inter)
-    return {"intra": intra, "inter": inter}
+    total = L.standalone_center_loss(
+        f, y, c, weight_intra=cfg.weight_intra, weight_inter=cfg.weight_inter
+    )
+    # Split for the logs without a second pairwise matrix: the intra term is
+    # w_intra·mean‖x − c_y‖² = w_intra·2·center_loss (no pairs involved).
+    intra = cfg.weight_intra * 2.0 * L.center_loss(f, y, c)
+    return {"intra": intra, "inter": total - intra}
 
 
 def _contrastive(model, f, y, step, cfg):
