@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
+from experiments import open_set as open_set_lib
 from experiments.models import EmbeddingModel, LeNetPlusPlus, SmallResNet
 from experiments.objectives import OBJECTIVES, LossConfig, Objective
 from mlx_jax import data as data_lib
@@ -64,6 +65,8 @@ class Config:
     limit: int | None = None
     eval_train_limit: int = 10_000
     knn_k: int = 5
+    open_set: int | None = None  # hold out the last K classes (experiments/open_set.py)
+    held_out_classes: tuple[int, ...] | None = None  # or hold out these classes
     width: int = 32
     keep_checkpoints: int = 3
     stop_after: int | None = None  # stop (as if killed) after this epoch; --resume continues
@@ -83,7 +86,7 @@ class Config:
         d = dataclasses.asdict(self)
         for run_only in ("resume", "quiet", "stop_after"):
             d.pop(run_only)
-        return d
+        return json.loads(json.dumps(d))  # tuples as lists, as read back from config.json
 
 
 def build_parser(dataset: str) -> argparse.ArgumentParser:
@@ -145,8 +148,10 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--samples-per-class",
         type=int,
-        default=4,
-        help="pair/triplet losses: batches of batch_size/samples_per_class classes",
+        default=None,
+        help="pair/triplet losses: batches of batch_size/samples_per_class classes, "
+        "samples_per_class images each; default: the smallest m >= 4 dividing --batch-size "
+        "with at most as many classes per batch as the dataset has (128 on 10 classes: 16)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (init and data order)")
     p.add_argument("--out", default=None, help="output directory (default runs/DATASET-LOSS-featD)")
@@ -164,6 +169,22 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="training examples embedded at evaluation (class means, kNN, plots)",
     )
     p.add_argument("--knn-k", type=int, default=5, help="k of the k-NN accuracy")
+    p.add_argument(
+        "--open-set",
+        type=int,
+        default=None,
+        metavar="K",
+        help="open-set protocol: train without the last K classes and report retrieval, "
+        "VAL@FAR=1e-3, ROC AUC and open-set identification on them (experiments/open_set.py)",
+    )
+    p.add_argument(
+        "--held-out-classes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="CLASS",
+        help="open-set protocol with these held-out class ids instead of the last K",
+    )
     p.add_argument("--width", type=int, default=32, help="LeNet++ first-stage channels (paper 32)")
     p.add_argument(
         "--stop-after",
@@ -182,7 +203,7 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         "--feat-dim": args.feat_dim,
         "--epochs": args.epochs,
         "--batch-size": args.batch_size,
-        "--samples-per-class": args.samples_per_class,
+        "--samples-per-class": 4 if args.samples_per_class is None else args.samples_per_class,
         "--knn-k": args.knn_k,
         "--width": args.width,
         "--eval-train-limit": args.eval_train_limit,
@@ -194,7 +215,16 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
-    if OBJECTIVES[args.loss].balanced_batches and args.batch_size % args.samples_per_class:
+    if args.open_set is not None and args.open_set < 2:
+        raise SystemExit(
+            f"error: --open-set must hold out at least 2 classes (verification needs pairs of "
+            f"different held-out classes), got {args.open_set}"
+        )
+    if (
+        OBJECTIVES[args.loss].balanced_batches
+        and args.samples_per_class is not None
+        and args.batch_size % args.samples_per_class
+    ):
         raise SystemExit(
             f"error: --batch-size ({args.batch_size}) must be a multiple of "
             f"--samples-per-class ({args.samples_per_class}) for --loss {args.loss}"
@@ -230,6 +260,8 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         limit=args.limit,
         eval_train_limit=args.eval_train_limit,
         knn_k=args.knn_k,
+        open_set=args.open_set,
+        held_out_classes=tuple(args.held_out_classes) if args.held_out_classes else None,
         width=args.width,
         quiet=args.quiet,
         stop_after=args.stop_after,
@@ -411,7 +443,7 @@ def evaluate(cfg: Config, model: EmbeddingModel, train_f, train_y, test_f, test_
     means = metrics.class_means(train_f, train_y, num_classes)
     result["class_mean_accuracy"] = metrics.nearest_center_accuracy(test_f, test_y, means)
     result["knn_accuracy"] = metrics.knn_accuracy(test_f, test_y, train_f, train_y, k=cfg.knn_k)
-    retrieval = metrics.retrieval_metrics(test_f, test_y)
+    retrieval = metrics.retrieval_metrics(test_f, test_y, metric=objective.metric)
     result["precision_at_1"] = retrieval["precision_at_1"]
     result["map_at_r"] = retrieval["map_at_r"]
     result["intra_inter_ratio"] = metrics.intra_inter_distance_ratio(test_f, test_y)
@@ -469,6 +501,12 @@ def _summary_table(rows: list[dict]) -> str:
         "precision_at_1",
         "map_at_r",
         "intra_inter_ratio",
+        "open_precision_at_1",
+        "open_map_at_r",
+        "open_val_at_far",
+        "open_auc",
+        "open_identification_rate",
+        "open_fpir",
         "seconds",
     ]
     keys = [k for k in keys if any(k in r for r in rows)]
@@ -496,7 +534,15 @@ def run(cfg: Config) -> dict:
         f"data: {dataset.source}: {len(dataset.train_labels)} train, "
         f"{len(dataset.test_labels)} test"
     )
+    all_class_names = dataset.class_names
+    open_data = _open_set_data(cfg, dataset)
+    if open_data is not None:
+        dataset = open_data.seen
+        held_out = ", ".join(f"{c} ({all_class_names[c]})" for c in open_data.split.held_out)
+        log(f"open set: training on {dataset.num_classes} classes, held out: {held_out}")
     num_classes = dataset.num_classes
+    if cfg.objective.balanced_batches:
+        cfg = dataclasses.replace(cfg, samples_per_class=_samples_per_class(cfg, num_classes))
     steps = len(dataset.train_labels) // cfg.batch_size
     if steps < 1:
         raise SystemExit(
@@ -582,15 +628,31 @@ def run(cfg: Config) -> dict:
         row.update(evaluate(cfg, model, train_f, train_y, test_f, test_y, num_classes))
         frame = out / "plots" / f"epoch_{epoch:03d}.png"
         frame.parent.mkdir(exist_ok=True)
-        viz.train_test_figure(
-            train_f,
-            train_y,
-            test_f,
-            test_y,
-            frame,
-            title=f"{cfg.dataset} {cfg.loss} feat={cfg.feat_dim} epoch {epoch}",
-            class_names=dataset.class_names,
-        )
+        title = f"{cfg.dataset} {cfg.loss} feat={cfg.feat_dim} epoch {epoch}"
+        if open_data is None:
+            viz.train_test_figure(
+                train_f,
+                train_y,
+                test_f,
+                test_y,
+                frame,
+                title=title,
+                class_names=dataset.class_names,
+            )
+        else:
+            row.update(
+                _evaluate_open_set(
+                    cfg,
+                    open_data,
+                    embed,
+                    state.graph,
+                    train_f,
+                    test_f,
+                    frame,
+                    title,
+                    all_class_names,
+                )
+            )
         frames.append(frame)
         row["seconds"] = time.time() - t0
         row["train_seconds"] = train_seconds
@@ -628,6 +690,96 @@ def run(cfg: Config) -> dict:
     (out / "summary.md").write_text(table + "\n")
     log(table)
     return summary
+
+
+def _samples_per_class(cfg: Config, num_classes: int) -> int:
+    """m of class-balanced batches: --samples-per-class, else the smallest m >= 4 (FaceNet and
+    PML's MPerClassSampler use few per class) that divides the batch into at most
+    ``num_classes`` classes."""
+    if cfg.samples_per_class is not None:
+        m = cfg.samples_per_class
+        if cfg.batch_size // m > num_classes:
+            raise SystemExit(
+                f"error: --batch-size {cfg.batch_size} / --samples-per-class {m} = "
+                f"{cfg.batch_size // m} classes per batch, but the training set has "
+                f"{num_classes}; raise --samples-per-class"
+            )
+        return m
+    for m in range(4, cfg.batch_size + 1):
+        if cfg.batch_size % m == 0 and cfg.batch_size // m <= num_classes:
+            return m
+    raise AssertionError("unreachable: m = batch_size always fits")
+
+
+def _open_set_data(cfg: Config, dataset: data_lib.Dataset) -> open_set_lib.OpenSetData | None:
+    """The open-set split of --open-set / --held-out-classes, or None (closed set)."""
+    if cfg.open_set is None and cfg.held_out_classes is None:
+        return None
+    try:
+        split = open_set_lib.class_split(
+            dataset.num_classes,
+            open_set=cfg.open_set,
+            held_out=cfg.held_out_classes,
+            class_names=dataset.class_names,
+        )
+        return open_set_lib.split_dataset(dataset, split)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _evaluate_open_set(
+    cfg: Config,
+    data: open_set_lib.OpenSetData,
+    embed,
+    graph,
+    seen_train_f: np.ndarray,
+    seen_test_f: np.ndarray,
+    frame: pathlib.Path,
+    title: str,
+    class_names: Sequence[str],
+) -> dict[str, float]:
+    """Open-set metrics on the held-out classes; the feature plot with them hollow; ROC PNG.
+
+    Enrollment images per held-out class match the seen classes' (the evaluation subset of
+    ``--eval-train-limit`` training images spread over the seen classes)."""
+    seen_train_y = data.seen_train_original[: len(seen_train_f)]
+    seen_test_y = data.seen_test_original
+    enroll_n = len(seen_train_f) * len(data.split.held_out) // len(data.split.seen)
+    held_train_f = embed(graph, data.held_out_train_images[:enroll_n])
+    held_train_y = data.held_out_train_labels[:enroll_n]
+    held_test_f = embed(graph, data.held_out_test_images)
+    held_test_y = data.held_out_test_labels
+    result, (roc_far, roc_val) = open_set_lib.evaluate_open_set(
+        metric=cfg.objective.metric,
+        seen_train=seen_train_f,
+        seen_train_labels=seen_train_y,
+        seen_test=seen_test_f,
+        seen_test_labels=seen_test_y,
+        held_out_train=held_train_f,
+        held_out_train_labels=held_train_y,
+        held_out_test=held_test_f,
+        held_out_test_labels=held_test_y,
+    )
+    viz.train_test_figure(
+        np.concatenate([seen_train_f, held_train_f]),
+        np.concatenate([seen_train_y, held_train_y]),
+        np.concatenate([seen_test_f, held_test_f]),
+        np.concatenate([seen_test_y, held_test_y]),
+        frame,
+        title=title,
+        class_names=class_names,
+        train_hollow=np.arange(len(seen_train_f) + len(held_train_f)) >= len(seen_train_f),
+        test_hollow=np.arange(len(seen_test_f) + len(held_test_f)) >= len(seen_test_f),
+        hollow_label="held out (hollow)",
+    )
+    held_out = ", ".join(class_names[c] for c in data.split.held_out)
+    viz.roc_figure(
+        {f"held-out classes ({held_out})": (roc_far, roc_val)},
+        frame.parent.parent / "roc.png",
+        title=f"{title}: verification on held-out classes\n"
+        f"VAL@FAR=1e-3 {result['open_val_at_far']:.3f}, AUC {result['open_auc']:.4f}",
+    )
+    return result
 
 
 def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):

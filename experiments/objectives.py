@@ -46,6 +46,8 @@ class Objective:
     class_weights: bool = False
     centers: bool = False
     balanced_batches: bool = False  # pair/triplet losses need several samples per class
+    # Distance the loss shapes, used for retrieval, verification and open-set identification.
+    metric: str = "euclidean"
     help: str = ""
 
 
@@ -144,6 +146,7 @@ OBJECTIVES: dict[str, Objective] = {
             "siamese",
             _siamese,
             "class_means",
+            metric="cosine",
             balanced_batches=True,
             help="Siamese cosine regression (Bromley et al. 1993)",
         ),
@@ -165,6 +168,7 @@ OBJECTIVES: dict[str, Objective] = {
             "circle",
             _circle,
             "class_means",
+            metric="cosine",
             balanced_batches=True,
             help="circle loss (Sun et al. 2020), m 0.25, gamma 256",
         ),
@@ -172,6 +176,7 @@ OBJECTIVES: dict[str, Objective] = {
             "sphereface",
             _sphereface,
             "cosine",
+            metric="cosine",
             class_weights=True,
             help="A-Softmax (Liu et al. 2017), m 4, λ annealed",
         ),
@@ -179,6 +184,7 @@ OBJECTIVES: dict[str, Objective] = {
             "cosface",
             _cosface,
             "cosine",
+            metric="cosine",
             class_weights=True,
             help="CosFace (Wang et al. 2018), s 64, m 0.35",
         ),
@@ -186,6 +192,7 @@ OBJECTIVES: dict[str, Objective] = {
             "arcface",
             _arcface,
             "cosine",
+            metric="cosine",
             class_weights=True,
             help="ArcFace (Deng et al. 2019), s 64, m 0.5 rad",
         ),

@@ -40,6 +40,7 @@ __all__ = [
     "common_limits",
     "scatter_features",
     "train_test_figure",
+    "roc_figure",
     "make_gif",
 ]
 
@@ -511,6 +512,61 @@ def train_test_figure(
         max_rows=2,
         bottom=0.02,
     )
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# ROC
+
+
+def roc_figure(
+    curves: Mapping[str, tuple],
+    path,
+    *,
+    title: str,
+    far_target: float | None = 1e-3,
+) -> Path:
+    """Saves verification ROC curves — VAL against FAR, FAR on a log axis — to ``path``.
+
+    Args:
+      curves: name → ``(far, val)``, two [P] float arrays in [0, 1] of one length (e.g. the
+        first two outputs of :func:`mlx_jax.metrics.roc_curve`). Points at FAR = 0 are not
+        drawn (log axis); the axis starts at 1e-5 or the smallest positive FAR, if larger.
+      path: output file (``.png``). title: figure title.
+      far_target: a FAR to mark with a dotted vertical line (FaceNet's 1e-3), or None.
+
+    Returns:
+      The path written. The image is 500×560 px (5×5.6 in at 100 dpi).
+    """
+    if not curves:
+        raise ValueError("curves must name at least one (far, val) curve")
+    fig = Figure(figsize=SINGLE_SIZE, dpi=DPI)
+    ax = _axes(fig, AXES_LEFT + 0.1, SINGLE_AXES_BOTTOM, AXES_SIZE - 0.1)
+    smallest = 1.0
+    for i, (name, (far, val)) in enumerate(curves.items()):
+        far, val = np.asarray(far, np.float64), np.asarray(val, np.float64)
+        if far.ndim != 1 or far.shape != val.shape:
+            raise ValueError(
+                f"curves[{name!r}] must be (far, val) of one shape [P], got "
+                f"{list(far.shape)} and {list(val.shape)}"
+            )
+        bad = ~((far >= 0) & (far <= 1) & (val >= 0) & (val <= 1))
+        if bad.any():
+            raise ValueError(f"curves[{name!r}]: far and val must lie in [0, 1]")
+        shown = far > 0
+        if shown.any():
+            smallest = min(smallest, float(far[shown].min()))
+        ax.plot(far[shown], val[shown], color=colormaps["tab10"](i % 10), lw=1.5, label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(max(1e-5, min(smallest, 1e-3)), 1.0)
+    ax.set_ylim(0.0, 1.0)
+    if far_target is not None:
+        ax.axvline(far_target, color="0.5", ls=":", lw=1)
+    ax.set_xlabel("FAR (false accept rate)", fontsize=9)
+    ax.set_ylabel("VAL (validation rate)", fontsize=9)
+    ax.grid(True, color=GRID_GREY, lw=0.6)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -1,0 +1,149 @@
+"""Run a grid of experiments (loss × dataset × feature dim) and write their result table.
+
+    python -m experiments.campaign --out runs/all-losses --epochs 2
+    python -m experiments.campaign --out runs/open-set --open-set 2 --epochs 1 --limit 20000
+
+Every row runs the driver with its defaults plus the flags given here, one after another, into
+``OUT/DATASET-LOSS-featDIM``. A finished row (summary.json present) is skipped and an unfinished
+one resumes from its checkpoint, so a campaign can span sessions; ``--stop-after-minutes`` ends
+it between rows. OUT/table.md gets one line per row with the command that reproduces it:
+closed-set metrics, or with ``--open-set K`` the held-out-class metrics of
+``experiments/open_set.py``. ``python -m experiments.seed001`` is this runner on seed 001's rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Iterable, Sequence
+
+from experiments.driver import config_from_args, run
+from experiments.objectives import OBJECTIVES
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10")
+
+Row = tuple[str, int, str]  # dataset, feature dim, loss
+
+
+def run_dir(out: pathlib.Path, row: Row) -> pathlib.Path:
+    dataset, dim, loss = row
+    return out / f"{dataset}-{loss}-feat{dim}"
+
+
+def row_flags(row: Row, extra: Sequence[str]) -> list[str]:
+    dataset, dim, loss = row
+    return ["--loss", loss, "--feat-dim", str(dim), *extra]
+
+
+def command(row: Row, extra: Sequence[str]) -> str:
+    return f"python -m experiments.{row[0]} " + " ".join(row_flags(row, extra))
+
+
+def run_rows(
+    rows: Iterable[Row],
+    out: pathlib.Path,
+    extra: Sequence[str],
+    stop_after_minutes: float | None = None,
+) -> None:
+    """Runs every unfinished row (resuming a started one) until the time box is reached."""
+    start = time.time()
+    for row in rows:
+        directory = run_dir(out, row)
+        if (directory / "summary.json").exists():
+            continue
+        if stop_after_minutes and (time.time() - start) / 60 > stop_after_minutes:
+            print("time box reached; run again to continue", flush=True)
+            return
+        argv = [*row_flags(row, extra), "--out", str(directory), "--quiet"]
+        if (directory / "checkpoints").exists():
+            argv.append("--resume")
+        print(f"== {' '.join(map(str, row))}", flush=True)
+        run(config_from_args(row[0], argv))
+
+
+def finished(out: pathlib.Path, row: Row) -> tuple[dict, float] | None:
+    """(final metrics, training minutes incl. evaluation) of a finished row, else None."""
+    directory = run_dir(out, row)
+    if not (directory / "summary.json").exists():
+        return None
+    summary = json.loads((directory / "summary.json").read_text())
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    minutes = sum(json.loads(line)["seconds"] for line in lines) / 60
+    return summary["final"], minutes
+
+
+CLOSED_COLUMNS = {
+    "accuracy": "accuracy",
+    "knn_accuracy": "kNN acc",
+    "precision_at_1": "P@1",
+    "map_at_r": "MAP@R",
+}
+OPEN_COLUMNS = {
+    "accuracy": "seen-class acc",
+    "open_precision_at_1": "P@1",
+    "open_map_at_r": "MAP@R",
+    "open_val_at_far": "VAL@FAR=1e-3",
+    "open_auc": "ROC AUC",
+    "open_identification_rate": "DIR@FPIR=1%",
+    "open_fpir": "FPIR",
+}
+
+
+def table(out: pathlib.Path, rows: Iterable[Row], extra: Sequence[str], open_set: bool) -> str:
+    columns = OPEN_COLUMNS if open_set else CLOSED_COLUMNS
+    head = ["loss", "dataset", "feat_dim", *columns.values(), "epochs", "minutes", "command"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        dataset, dim, loss = row
+        result = finished(out, row)
+        if result is None:
+            status = "needs network" if dataset == "cifar10" else "not measured yet"
+            cells = [status] + [""] * (len(columns) + 2)
+        else:
+            final, minutes = result
+            cells = [f"{final[k]:.4f}" for k in columns]
+            cells += [str(final["epoch"]), f"{minutes:.1f}", f"`{command(row, extra)}`"]
+        lines.append(f"| {loss} | {dataset} | {dim} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.campaign",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="campaign directory (one sub-directory per row)")
+    p.add_argument("--losses", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
+    p.add_argument(
+        "--datasets", nargs="+", default=["fashion_mnist", "mnist"], choices=list(DATASETS)
+    )
+    p.add_argument("--dims", nargs="+", type=int, default=[2, 128])
+    p.add_argument("--epochs", type=int, required=True, help="epochs per row")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per split")
+    p.add_argument("--open-set", type=int, default=None, metavar="K", help="hold out K classes")
+    p.add_argument("--stop-after-minutes", type=float, default=None, help="time box")
+    p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
+    args = p.parse_args(argv)
+    for flag, value in (("--epochs", args.epochs), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    extra = ["--epochs", str(args.epochs)]
+    extra += ["--limit", str(args.limit)] if args.limit else []
+    extra += ["--open-set", str(args.open_set)] if args.open_set else []
+    rows = [(d, dim, loss) for d in args.datasets for dim in args.dims for loss in args.losses]
+    out = pathlib.Path(args.out)
+    if not args.table_only:
+        run_rows(rows, out, extra, args.stop_after_minutes)
+    text = table(out, rows, extra, open_set=args.open_set is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
