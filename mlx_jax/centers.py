@@ -72,6 +72,7 @@ def update_centers(
     alpha: float | jax.Array,
     *,
     weights: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> jax.Array:
     """The Center Loss α rule (Wen et al. 2016, Eq. 4) on one mini-batch.
 
@@ -81,6 +82,10 @@ def update_centers(
       labels: [B] int in [0, C).
       alpha: center learning rate in [0, 1]; Wen et al. use 0.5 (the seed's λ/α study).
       weights: optional [B]; 0 excludes a sample (padding), other values weight its vote.
+      axis_name: inside ``jax.shard_map`` (or ``pmap``) over a batch-sharded axis, the axis
+        whose devices each hold a shard of the batch: the per-class statistics are
+        ``psum``-ed over it before the update, so every device gets the update of the global
+        batch (and the result is replicated). ``None`` (default): the batch is all here.
 
     Returns:
       new centers [C, D] in the dtype of ``centers``.
@@ -93,4 +98,6 @@ def update_centers(
             f"[num_classes, {c.shape[1]}], got {x.shape}"
         )
     sums, counts = class_statistics(x, labels, c.shape[0], weights=weights)
+    if axis_name is not None:
+        sums, counts = jax.lax.psum((sums, counts), axis_name)
     return apply_center_update(centers, sums, counts, alpha)

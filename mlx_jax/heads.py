@@ -68,10 +68,14 @@ class CenterStore(nnx.Module):
         alpha: float | jax.Array,
         *,
         weights: jax.Array | None = None,
+        axis_name: str | None = None,
     ) -> None:
-        """Applies the α rule in place (Wen et al. 2016, Eq. 4). No-op for trainable centers."""
+        """Applies the α rule in place (Wen et al. 2016, Eq. 4). No-op for trainable centers.
+
+        ``axis_name``: the batch-sharded axis inside ``jax.shard_map``; the per-class
+        statistics are summed over it (see :func:`mlx_jax.centers.update_centers`)."""
         if self.trainable:
             return
         self.centers[...] = update_centers(
-            self.centers[...], embeddings, labels, alpha, weights=weights
+            self.centers[...], embeddings, labels, alpha, weights=weights, axis_name=axis_name
         )
