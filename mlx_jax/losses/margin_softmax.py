@@ -100,6 +100,18 @@ def _reduce_margin_loss(
     return reductions.reduce_weighted(cross_entropy_terms(logits, labels), weights, reduction)
 
 
+def _check_margins(m1, m2, m3, scale, boundary: str, reduction: str) -> None:
+    """Checks the hyperparameters of the combined margin (shared with :mod:`mlx_jax.partial_fc`)."""
+    _checks.choice(boundary, "boundary", BOUNDARIES)
+    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    _checks.positive(m1, "m1")
+    _checks.non_negative(m2, "m2")
+    if _checks._is_concrete(m2) and np.ndim(m2) == 0 and float(m2) >= math.pi:
+        raise ValueError(f"m2 must be in [0, π) radians, got {m2}")
+    _checks.non_negative(m3, "m3")
+    _checks.positive(scale, "scale")
+
+
 def _combined_target(cos_y: jax.Array, m1, m2, m3, boundary: str) -> jax.Array:
     """cos(m1·θ + m2) − m3 for the target cosines [B], with the chosen boundary rule."""
     if _is_exactly(m1, 1.0) and _is_exactly(m2, 0.0):
@@ -209,14 +221,7 @@ def combined_margin_loss(
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
     """
-    _checks.choice(boundary, "boundary", BOUNDARIES)
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
-    _checks.positive(m1, "m1")
-    _checks.non_negative(m2, "m2")
-    if _checks._is_concrete(m2) and np.ndim(m2) == 0 and float(m2) >= math.pi:
-        raise ValueError(f"m2 must be in [0, π) radians, got {m2}")
-    _checks.non_negative(m3, "m3")
-    _checks.positive(scale, "scale")
+    _check_margins(m1, m2, m3, scale, boundary, reduction)
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
     cosines = _cosines(x, w)
     target = _combined_target(take_target(cosines, y), m1, m2, m3, boundary)
