@@ -75,6 +75,11 @@ def finished(out: pathlib.Path, row: Row) -> tuple[dict, float] | None:
     return summary["final"], minutes
 
 
+def best(out: pathlib.Path, row: Row) -> dict:
+    """The metrics of a finished row's epoch with the highest accuracy."""
+    return json.loads((run_dir(out, row) / "summary.json").read_text())["best"]
+
+
 CLOSED_COLUMNS = {
     "accuracy": "accuracy",
     "knn_accuracy": "kNN acc",

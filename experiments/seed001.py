@@ -3,21 +3,20 @@
     python -m experiments.seed001 --epochs 20 --out runs/seed001 [--datasets mnist fashion_mnist]
 
 Runs each row with the driver's defaults (seed 001's lr 0.01, batch 128, weight_cent 1.0,
-weight_intra 1.0, weight_inter 0.1), one after another. A finished row (summary.json present) is
-skipped and an unfinished one resumes from its checkpoint, so a campaign can span sessions;
-``--stop-after-minutes`` ends the campaign cleanly between epochs. Writes OUT/table.md with the
+weight_intra 1.0, weight_inter 0.1), one after another, through
+:func:`experiments.campaign.run_rows`: a finished row (summary.json present) is skipped and an
+unfinished one resumes from its checkpoint, so a campaign can span sessions;
+``--stop-after-minutes`` ends the campaign cleanly between rows. Writes OUT/table.md with the
 seed's accuracy beside ours.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
-import time
 
-from experiments.driver import config_from_args, run
+from experiments import campaign
 
 # Seed 001's accuracies (100 epochs, lr 0.01, batch 128).
 SEED_TABLE = {
@@ -31,37 +30,30 @@ SEED_TABLE = {
 LOSSES = ("xent", "cent", "standalone")
 
 
-def rows(datasets, dims):
-    for dim in dims:
-        for dataset in datasets:
-            for loss in LOSSES:
-                yield dataset, dim, loss
+def rows(datasets, dims) -> list[campaign.Row]:
+    return [(dataset, dim, loss) for dim in dims for dataset in datasets for loss in LOSSES]
 
 
-def table(out: pathlib.Path, datasets, dims) -> str:
+def table(out: pathlib.Path, datasets, dims, epochs: int) -> str:
     lines = [
         "| loss | dataset | feat_dim | seed 001 acc (100 ep) | ours acc | ours best | epochs "
         "| train min | command |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for dataset, dim, loss in rows(datasets, dims):
-        run_dir = out / f"{dataset}-{loss}-feat{dim}"
+    for row in rows(datasets, dims):
+        dataset, dim, loss = row
         seed = SEED_TABLE[(dataset, dim)][loss]
-        summary_path = run_dir / "summary.json"
-        command = f"python -m experiments.{dataset} --loss {loss} --feat-dim {dim}"
-        if not summary_path.exists():
+        result = campaign.finished(out, row)
+        if result is None:
             status = "needs network" if dataset == "cifar10" else "not measured yet"
             lines.append(f"| {loss} | {dataset} | {dim} | {seed:.3f} | {status} | | | | |")
             continue
-        summary = json.loads(summary_path.read_text())
-        history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        minutes = sum(h["seconds"] for h in history) / 60
-        final, best = summary["final"], summary["best"]
-        epochs = summary["epochs"]
+        final, minutes = result
+        best = campaign.best(out, row)
+        command = campaign.command(row, ["--epochs", str(final["epoch"])])
         lines.append(
             f"| {loss} | {dataset} | {dim} | {seed:.3f} | {final['accuracy']:.4f} | "
-            f"{best['accuracy']:.4f} | {epochs} | {minutes:.1f} | "
-            f"`{command} --epochs {epochs}` |"
+            f"{best['accuracy']:.4f} | {final['epoch']} | {minutes:.1f} | `{command}` |"
         )
     return "\n".join(lines)
 
@@ -70,36 +62,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--out", default="runs/seed001")
-    p.add_argument("--datasets", nargs="+", default=["fashion_mnist", "mnist"])
+    p.add_argument(
+        "--datasets", nargs="+", default=["fashion_mnist", "mnist"], choices=campaign.DATASETS
+    )
     p.add_argument("--dims", nargs="+", type=int, default=[2, 128])
     p.add_argument("--stop-after-minutes", type=float, default=None)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
     out = pathlib.Path(args.out)
-    start = time.time()
-    for dataset, dim, loss in [] if args.table_only else rows(args.datasets, args.dims):
-        run_dir = out / f"{dataset}-{loss}-feat{dim}"
-        if (run_dir / "summary.json").exists():
-            continue
-        if args.stop_after_minutes and (time.time() - start) / 60 > args.stop_after_minutes:
-            print("time box reached; run again to continue", flush=True)
-            break
-        argv_run = [
-            "--loss",
-            loss,
-            "--feat-dim",
-            str(dim),
-            "--epochs",
-            str(args.epochs),
-            "--out",
-            str(run_dir),
-            "--quiet",
-        ]
-        if (run_dir / "checkpoints").exists():
-            argv_run.append("--resume")
-        print(f"== {dataset} {loss} feat {dim}", flush=True)
-        run(config_from_args(dataset, argv_run))
-    text = table(out, args.datasets, args.dims)
+    if not args.table_only:
+        extra = ["--epochs", str(args.epochs)]
+        campaign.run_rows(rows(args.datasets, args.dims), out, extra, args.stop_after_minutes)
+    text = table(out, args.datasets, args.dims, args.epochs)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

@@ -1,0 +1,38 @@
+"""The campaign runner: rows run once, finished rows are skipped, tables quote the commands."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import campaign, seed001
+from tests.test_experiments import TINY, data_dir  # noqa: F401  (fixture)
+
+
+def test_rows_run_once_and_the_table_quotes_them(data_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "campaign"
+    extra = ["--epochs", "1", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    rows = [("fashion_mnist", 2, "xent"), ("fashion_mnist", 2, "contrastive")]
+    campaign.run_rows(rows, out, extra)
+    for row in rows:
+        final, minutes = campaign.finished(out, row)
+        assert final["epoch"] == 1 and minutes > 0
+    stamp = (out / "fashion_mnist-xent-feat2" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    campaign.run_rows(rows, out, extra)  # finished rows are skipped
+    assert capsys.readouterr().out == ""
+    assert (out / "fashion_mnist-xent-feat2" / "summary.json").stat().st_mtime_ns == stamp
+
+    text = campaign.table(out, [*rows, ("mnist", 2, "xent"), ("cifar10", 2, "xent")], extra, False)
+    lines = text.splitlines()
+    accuracy = json.loads((out / "fashion_mnist-xent-feat2" / "summary.json").read_text())
+    assert f"| xent | fashion_mnist | 2 | {accuracy['final']['accuracy']:.4f} |" in lines[2]
+    assert "`python -m experiments.fashion_mnist --loss xent --feat-dim 2 --epochs 1" in lines[2]
+    assert "not measured yet" in lines[4] and "needs network" in lines[5]
+
+
+def test_seed001_table_lists_every_row_with_the_seed_number(tmp_path):
+    text = seed001.table(tmp_path, ["fashion_mnist", "cifar10"], [2, 128], 20)
+    lines = text.splitlines()[2:]
+    assert len(lines) == 12
+    assert "| standalone | fashion_mnist | 2 | 0.921 | not measured yet |" in text
+    assert "| cent | cifar10 | 128 | 0.858 | needs network |" in text
