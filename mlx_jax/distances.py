@@ -51,6 +51,13 @@ DistanceMethod = Literal["auto", "matmul", "difference"]
 DIFFERENCE_MAX_ELEMENTS = 1 << 21
 
 
+def _resolve_method(method: str, rows: int, columns: int, dim: int) -> str:
+    _checks.choice(method, "method", ("auto", "matmul", "difference"))
+    if method != "auto":
+        return method
+    return "difference" if rows * columns * dim <= DIFFERENCE_MAX_ELEMENTS else "matmul"
+
+
 def squared_euclidean(
     x: jax.Array,
     y: jax.Array | None = None,
@@ -68,25 +75,58 @@ def squared_euclidean(
     ``method="auto"`` (default): ``"difference"`` while B·M·D <= 2²¹ (e.g. B = 128 with
     D <= 128), else ``"matmul"``.
     """
-    _checks.choice(method, "method", ("auto", "matmul", "difference"))
-    same = y is None
-    y = x if same else y
-    if method == "auto":
-        small = x.shape[0] * y.shape[0] * x.shape[1] <= DIFFERENCE_MAX_ELEMENTS
-        method = "difference" if small else "matmul"
+    if y is None:
+        return squared_euclidean_rows(x, None, precision=precision, method=method)
+    method = _resolve_method(method, x.shape[0], y.shape[0], x.shape[1])
     if method == "difference":
         diff = x[:, None, :] - y[None, :, :]
         return jnp.sum(diff * diff, axis=-1)
     shift = jax.lax.stop_gradient(jnp.mean(x, axis=0))
     x = x - shift
-    y = x if same else y - shift
-    x_sq = jnp.sum(x * x, axis=1)
-    y_sq = x_sq if same else jnp.sum(y * y, axis=1)
+    y = y - shift
     gram = jnp.matmul(x, y.T, precision=precision)
-    squared = jnp.maximum(x_sq[:, None] + y_sq[None, :] - 2.0 * gram, 0.0)
-    if same:
-        squared = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, squared)
-    return squared
+    return jnp.maximum(jnp.sum(x * x, axis=1)[:, None] + jnp.sum(y * y, axis=1) - 2.0 * gram, 0.0)
+
+
+def squared_euclidean_rows(
+    x: jax.Array,
+    row_index: jax.Array | None,
+    rows: jax.Array | None = None,
+    *,
+    precision=HIGHEST,
+    method: DistanceMethod = "auto",
+) -> jax.Array:
+    """Rows ``row_index`` of ``squared_euclidean(x)``: ‖x_{row_index[r]} − x_j‖², [R, B].
+
+    The blockwise form of the [B, B] matrix: a loss can visit row blocks of it (see
+    :mod:`mlx_jax.blockwise`) so that no B×B array exists at once. Every block is computed the
+    way the whole matrix is — the same ``method`` (``"auto"`` decides from B·B·D, not from the
+    block), the same centering (mean of all of ``x``) — and entry (r, row_index[r]) is exactly 0.
+
+    Args:
+      x: [B, D] all samples (the columns).
+      row_index: [R] int batch indices of the rows (entries >= B are padding rows with no
+        self-column); None means every row (R = B, the full matrix).
+      rows: [R, D] = ``x[row_index]`` if the caller already has it (e.g. a slice), else None.
+      precision, method: as :func:`squared_euclidean`.
+    """
+    batch = x.shape[0]
+    method = _resolve_method(method, batch, batch, x.shape[1])
+    if row_index is None:
+        row_index = jnp.arange(batch)
+        rows = x if rows is None else rows
+    elif rows is None:
+        rows = jnp.take(x, row_index, axis=0, mode="clip")
+    if method == "difference":
+        diff = rows[:, None, :] - x[None, :, :]
+        return jnp.sum(diff * diff, axis=-1)  # the self entry is exactly 0 already
+    shift = jax.lax.stop_gradient(jnp.mean(x, axis=0))
+    x = x - shift
+    rows = rows - shift
+    gram = jnp.matmul(rows, x.T, precision=precision)
+    squared = jnp.sum(rows * rows, axis=1)[:, None] + jnp.sum(x * x, axis=1) - 2.0 * gram
+    own = row_index[:, None] == jnp.arange(batch)
+    return jnp.where(own, 0.0, jnp.maximum(squared, 0.0))
 
 
 def cosine_similarity(x: jax.Array, y: jax.Array | None = None, *, precision=HIGHEST) -> jax.Array:
@@ -130,4 +170,29 @@ def pairwise_distances(
     if metric == "cosine":
         return cosine_similarity(x, y, precision=precision)
     squared = squared_euclidean(x, y, precision=precision, method=method)
+    return squared if metric == "squared_euclidean" else safe_sqrt(squared)
+
+
+def pairwise_distances_rows(
+    x: jax.Array,
+    row_index: jax.Array | None,
+    rows: jax.Array | None = None,
+    *,
+    metric: Metric = "squared_euclidean",
+    precision=HIGHEST,
+    method: DistanceMethod = "auto",
+) -> jax.Array:
+    """Rows ``row_index`` [R] of ``pairwise_distances(x, metric=metric)``, [R, B].
+
+    The blockwise form: computed like the full matrix (see :func:`squared_euclidean_rows`), so
+    concatenating the row blocks gives the full matrix up to float rounding of the matmul.
+    ``rows`` [R, D] may pass ``x[row_index]`` when the caller has it. Padding rows (index >= B)
+    are allowed and give finite values.
+    """
+    _checks.choice(metric, "metric", METRICS)
+    if metric == "cosine":
+        if rows is None:
+            rows = x if row_index is None else jnp.take(x, row_index, axis=0, mode="clip")
+        return jnp.matmul(l2_normalize(rows), l2_normalize(x).T, precision=precision)
+    squared = squared_euclidean_rows(x, row_index, rows, precision=precision, method=method)
     return squared if metric == "squared_euclidean" else safe_sqrt(squared)

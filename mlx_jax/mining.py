@@ -41,11 +41,71 @@ def pair_masks(labels: jax.Array, valid: jax.Array | None = None) -> tuple[jax.A
     """
     batch = labels.shape[0]
     valid = valid_or_all(valid, batch)
-    both_valid = valid[:, None] & valid[None, :]
-    same = labels[:, None] == labels[None, :]
-    positive = same & ~jnp.eye(batch, dtype=bool) & both_valid
-    negative = ~same & both_valid
-    return positive, negative
+    return row_pair_masks(jnp.arange(batch), labels, valid, labels, valid)
+
+
+def row_pair_masks(
+    row_index: jax.Array,
+    row_labels: jax.Array,
+    row_valid: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Rows ``row_index`` [R] of :func:`pair_masks`: positive and negative masks [R, B] of the
+    anchors ``row_index`` (labels ``row_labels`` [R], validity ``row_valid`` [R]) against all
+    B samples (``labels`` [B], ``valid`` [B] bool). Row indices >= B (padding) match no column.
+    """
+    both_valid = row_valid[:, None] & valid[None, :]
+    same = row_labels[:, None] == labels[None, :]
+    own = row_index[:, None] == jnp.arange(labels.shape[0])
+    return same & ~own & both_valid, ~same & both_valid
+
+
+class ClassIndex(NamedTuple):
+    """The batch sorted by label, to find each anchor's positives without a [B, B] search.
+
+    Fields: ``order`` [B] int32 batch indices in (stable) label order, ``sorted_labels`` [B],
+    ``largest`` int32 scalar, the size of the largest class in the batch (valid or not).
+    """
+
+    order: jax.Array
+    sorted_labels: jax.Array
+    largest: jax.Array
+
+
+def class_index(labels: jax.Array) -> ClassIndex:
+    """Sorts the labels once (O(B log B))."""
+    order = jnp.argsort(labels, stable=True).astype(jnp.int32)
+    sorted_labels = labels[order]
+    size = jnp.searchsorted(sorted_labels, sorted_labels, side="right") - jnp.searchsorted(
+        sorted_labels, sorted_labels, side="left"
+    )
+    return ClassIndex(order, sorted_labels, jnp.max(size).astype(jnp.int32))
+
+
+def positive_slots(
+    index: ClassIndex,
+    num_slots: int,
+    row_index: jax.Array,
+    row_labels: jax.Array,
+    row_valid: jax.Array,
+    valid: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Each anchor's positives in ``num_slots`` slots: indices [R, S] int32 and mask [R, S].
+
+    Slot s of anchor r holds the s-th member of the anchor's class in label order (the anchor
+    itself included, masked out), so the slots hold every positive iff
+    ``index.largest <= num_slots``; the caller checks that. mask[r, s] is True for a valid
+    positive (another valid sample of the class); indices under a False mask are arbitrary.
+    """
+    batch = index.order.shape[0]
+    start = jnp.searchsorted(index.sorted_labels, row_labels, side="left")
+    position = start[:, None] + jnp.arange(num_slots)
+    clipped = jnp.minimum(position, batch - 1)
+    member = (position < batch) & (index.sorted_labels[clipped] == row_labels[:, None])
+    slot_index = index.order[clipped]
+    mask = member & (slot_index != row_index[:, None]) & row_valid[:, None] & valid[slot_index]
+    return slot_index, mask
 
 
 def triplet_mask(labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -171,12 +231,28 @@ def semihard_negatives(
       negative: [B, B] int32 batch index (meaningless where not ``valid``).
       valid: [B, B] bool, True for positive pairs (a, p) that have a selected negative.
     """
+    positive, negative = pair_masks(labels, valid)
+    return semihard_negatives_rows(distances, distances, positive, negative, fallback=fallback)
+
+
+def semihard_negatives_rows(
+    distances: jax.Array,
+    positive_distances: jax.Array,
+    positive: jax.Array,
+    negative: jax.Array,
+    *,
+    fallback: SemihardFallback = "farthest",
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`semihard_negatives` for anchor rows: ``distances`` [R, B] of R anchors to all
+    samples, ``negative`` [R, B] their negative mask, and K positive distances per anchor
+    (``positive_distances`` [R, K] with mask ``positive`` [R, K]; K = B with
+    ``positive_distances = distances`` for all pairs). Returns (negative index [R, K] int32,
+    valid [R, K] bool)."""
     if fallback not in ("farthest", "drop"):
         raise ValueError(f"fallback must be 'farthest' or 'drop', got {fallback!r}")
-    positive, negative = pair_masks(labels, valid)
     sorted_negatives = sort_negatives(distances, negative)
     # Index of the first negative strictly farther than d(a, p).
-    first_farther = rank_in_negatives(sorted_negatives, distances, "right")
+    first_farther = rank_in_negatives(sorted_negatives, positive_distances, "right")
     count = sorted_negatives.count[:, None]
     found = first_farther < count
     farthest = jnp.maximum(count - 1, 0)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks, mining, reductions
+from mlx_jax import _checks, blockwise, mining, reductions
 
 
 class Batch(NamedTuple):
@@ -33,6 +34,94 @@ def prepare_batch(embeddings, labels, weights=None, *, num_classes: int | None =
     return Batch(x, y, w, w > 0)
 
 
+class Rows(NamedTuple):
+    """A block of anchor rows of a :class:`Batch`: batch ``index`` [R] int32 (>= B for padding
+    rows), ``embeddings`` [R, D], ``labels`` [R], ``weights`` [R] (0 for padding), ``valid`` [R].
+    """
+
+    index: jax.Array
+    embeddings: jax.Array
+    labels: jax.Array
+    weights: jax.Array
+    valid: jax.Array
+
+    def pair_masks(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Positive and negative masks [R, B] of these anchors against the whole batch."""
+        return mining.row_pair_masks(self.index, self.labels, self.valid, batch.labels, batch.valid)
+
+
+def map_anchor_rows(
+    fn: Callable[[Rows], Any], batch: Batch, block_size: int | None, *row_args: jax.Array
+) -> Any:
+    """``fn(rows, *row_args[rows])`` over the batch's anchor rows, dense (``block_size=None``)
+    or in blocks of ``block_size`` rows with O(B·block_size) memory (:mod:`mlx_jax.blockwise`).
+    ``fn`` returns a pytree of [R, ...] arrays; the result has leading dimension B."""
+
+    def call(index, x, labels, weights, *extra):
+        return fn(Rows(index, x, labels, weights, weights > 0), *extra)
+
+    args = (batch.embeddings, batch.labels, batch.weights, *row_args)
+    return blockwise.map_row_blocks(call, args, block_size=block_size)
+
+
+class PairSums(NamedTuple):
+    """Per-anchor-row sums over one kind of pairs (positive or negative), each [R]: the
+    weighted loss, the weight, and the weight of pairs whose loss is > 0."""
+
+    loss: jax.Array
+    weight: jax.Array
+    nonzero: jax.Array
+
+
+def pair_row_sums(mask: jax.Array, terms: jax.Array, row_weights: jax.Array) -> PairSums:
+    """Sums [R, B] pair ``terms`` over the pairs in ``mask`` [R, B]; a pair's weight is its
+    anchor's weight ``row_weights`` [R]."""
+    count = jnp.sum(mask, axis=1, dtype=terms.dtype)
+    nonzero = jnp.sum(mask & (terms > 0), axis=1, dtype=terms.dtype)
+    loss = jnp.sum(jnp.where(mask, terms, 0.0), axis=1)
+    return PairSums(loss * row_weights, count * row_weights, nonzero * row_weights)
+
+
+def reduce_pair_sums(positive: PairSums, negative: PairSums, reduction: str, balance: str):
+    """Reduces per-row pair sums ([B] each) to the scalar of :func:`reduce_pair_terms`."""
+    if balance == "pos_neg":
+        return reductions.reduce_terms(
+            positive.loss, positive.weight, reduction, positive.nonzero
+        ) + reductions.reduce_terms(negative.loss, negative.weight, reduction, negative.nonzero)
+    return reductions.reduce_terms(
+        positive.loss + negative.loss,
+        positive.weight + negative.weight,
+        reduction,
+        positive.nonzero + negative.nonzero,
+    )
+
+
+def pair_rows(
+    rows: Rows,
+    batch: Batch,
+    positive_terms: jax.Array,
+    negative_terms: jax.Array,
+    reduction: str,
+) -> Any:
+    """Per-row result of a pair loss for :func:`map_anchor_rows`: the weighted [R, B] pair
+    losses for ``reduction="none"``, else (positive, negative) :class:`PairSums`."""
+    positive, negative = rows.pair_masks(batch)
+    if reduction == "none":
+        terms = jnp.where(positive, positive_terms, jnp.where(negative, negative_terms, 0.0))
+        return terms * rows.weights[:, None]
+    return (
+        pair_row_sums(positive, positive_terms, rows.weights),
+        pair_row_sums(negative, negative_terms, rows.weights),
+    )
+
+
+def reduce_pair_rows(row_results: Any, reduction: str, balance: str) -> jax.Array:
+    """The loss from the per-row results of :func:`pair_rows` over all B rows."""
+    if reduction == "none":
+        return row_results
+    return reduce_pair_sums(*row_results, reduction, balance)
+
+
 def reduce_pair_terms(
     positive_terms: jax.Array,
     negative_terms: jax.Array,
@@ -48,19 +137,13 @@ def reduce_pair_terms(
     ``reduction="none"`` returns the [B, B] matrix of weighted pair losses.
     """
     _checks.choice(balance, "balance", ("pairs", "pos_neg"))
-    positive, negative = mining.pair_masks(batch.labels, batch.valid)
-
-    def weighted(mask, terms):
-        pair_weight = jnp.where(mask, batch.weights[:, None], 0.0)
-        loss = jnp.where(mask, terms, 0.0) * pair_weight
-        return loss, pair_weight, jnp.where(terms > 0, pair_weight, 0.0)
-
-    pos = weighted(positive, positive_terms)
-    neg = weighted(negative, negative_terms)
-    if reduction == "none":
-        return pos[0] + neg[0]
-    if balance == "pos_neg":
-        return reductions.reduce_terms(pos[0], pos[1], reduction, pos[2]) + reductions.reduce_terms(
-            neg[0], neg[1], reduction, neg[2]
-        )
-    return reductions.reduce_terms(pos[0] + neg[0], pos[1] + neg[1], reduction, pos[2] + neg[2])
+    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    rows = Rows(
+        jnp.arange(batch.labels.shape[0]),
+        batch.embeddings,
+        batch.labels,
+        batch.weights,
+        batch.valid,
+    )
+    result = pair_rows(rows, batch, positive_terms, negative_terms, reduction)
+    return reduce_pair_rows(result, reduction, balance)

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax import _checks, reductions
-from mlx_jax.distances import squared_euclidean
-from mlx_jax.losses._common import Batch, prepare_batch
+from mlx_jax.distances import squared_euclidean, squared_euclidean_rows
+from mlx_jax.losses._common import Batch, Rows, map_anchor_rows, prepare_batch
 
 # Added inside log(‖x_i − x_j‖² + eps): keeps duplicate embeddings of different classes finite.
 # 1e-12 is the size of the floor pytorch-center-loss (KaiyangZhou), which seed 001 follows,
@@ -75,6 +75,7 @@ def standalone_center_loss(
     eps: float = LOG_EPS,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    block_size: int | None = None,
 ) -> jax.Array:
     """Standalone center loss (seed 001, "standalone-center-loss"; no softmax)::
 
@@ -97,6 +98,9 @@ def standalone_center_loss(
       weights: optional [B] (a pair's weight is its first sample's; 0 = excluded).
       reduction: ``"mean"`` (the seed's /m), ``"sum"`` or ``"none"`` ([B]). Not
         ``"mean_nonzero"``: the l_i can be negative, so "non-zero" has no meaning here.
+      block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
+        the inter term over blocks of ``block_size`` rows with O(B·block_size) memory in the
+        forward and backward pass (:mod:`mlx_jax.blockwise`), same value.
 
     Returns:
       scalar in the compute dtype (at least float32), [B] for ``reduction="none"``.
@@ -109,9 +113,13 @@ def standalone_center_loss(
     batch, c = _batch_with_centers(embeddings, labels, centers, weights)
     _checks.positive(eps, "eps")
     intra = _squared_distance_to_own_center(batch, c)
-    valid = batch.valid
-    different = (batch.labels[:, None] != batch.labels[None, :]) & valid[:, None] & valid[None, :]
-    inter = _negative_log_pair_terms(batch.embeddings, different, eps)
+
+    def per_rows(rows: Rows):
+        _, different = rows.pair_masks(batch)
+        squared = squared_euclidean_rows(batch.embeddings, rows.index, rows.embeddings)
+        return -jnp.sum(jnp.where(different, jnp.log(squared + eps), 0.0), axis=1)
+
+    inter = map_anchor_rows(per_rows, batch, block_size)
     losses = weight_intra * intra + weight_inter * inter
     return reductions.reduce_weighted(losses, batch.weights, reduction)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks, mining, reductions
-from mlx_jax.distances import cosine_similarity
-from mlx_jax.losses._common import prepare_batch
+from mlx_jax import _checks, reductions
+from mlx_jax.distances import l2_normalize
+from mlx_jax.losses._common import Rows, map_anchor_rows, prepare_batch
 
 
 def _masked_logsumexp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -31,6 +31,7 @@ def circle_loss(
     gamma: float = 256.0,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    block_size: int | None = None,
 ) -> jax.Array:
     """Circle loss with class-level labels, each batch sample in turn the anchor.
 
@@ -62,6 +63,9 @@ def circle_loss(
       reduction: see :mod:`mlx_jax.reductions`, over anchors; pytorch-metric-learning's
         default (``AvgNonZeroReducer``) is ``"mean_nonzero"``. ``"none"`` returns the [B]
         per-anchor weighted losses (0 for anchors without a term).
+      block_size: None (default) builds the [B, B] similarity matrix at once; an int evaluates
+        the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
+        forward and backward pass (:mod:`mlx_jax.blockwise`), same value.
 
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
@@ -70,18 +74,24 @@ def circle_loss(
     _checks.non_negative(m, "m")
     _checks.positive(gamma, "gamma")
     _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
-    positive, negative = mining.pair_masks(batch.labels, batch.valid)
+    normalized = l2_normalize(batch.embeddings)
 
-    similarity = cosine_similarity(batch.embeddings)
-    fixed = jax.lax.stop_gradient(similarity)
-    alpha_p = jax.nn.relu(1.0 + m - fixed)  # [O_p − s_p]₊
-    alpha_n = jax.nn.relu(fixed + m)  # [s_n − O_n]₊
-    positive_logits = -gamma * alpha_p * (similarity - (1.0 - m))
-    negative_logits = gamma * alpha_n * (similarity - m)
+    def per_rows(rows: Rows):
+        positive, negative = rows.pair_masks(batch)
+        similarity = jnp.matmul(
+            l2_normalize(rows.embeddings), normalized.T, precision=jax.lax.Precision.HIGHEST
+        )
+        fixed = jax.lax.stop_gradient(similarity)
+        alpha_p = jax.nn.relu(1.0 + m - fixed)  # [O_p − s_p]₊
+        alpha_n = jax.nn.relu(fixed + m)  # [s_n − O_n]₊
+        positive_logits = -gamma * alpha_p * (similarity - (1.0 - m))
+        negative_logits = gamma * alpha_n * (similarity - m)
 
-    lse_p, has_positive = _masked_logsumexp(positive_logits, positive)
-    lse_n, has_negative = _masked_logsumexp(negative_logits, negative)
-    has_term = has_positive & has_negative
-    losses = jnp.where(has_term, jax.nn.softplus(lse_p + lse_n), 0.0)
-    anchor_weight = jnp.where(has_term, batch.weights, 0.0)
+        lse_p, has_positive = _masked_logsumexp(positive_logits, positive)
+        lse_n, has_negative = _masked_logsumexp(negative_logits, negative)
+        has_term = has_positive & has_negative
+        losses = jnp.where(has_term, jax.nn.softplus(lse_p + lse_n), 0.0)
+        return losses, jnp.where(has_term, rows.weights, 0.0)
+
+    losses, anchor_weight = map_anchor_rows(per_rows, batch, block_size)
     return reductions.reduce_weighted(losses, anchor_weight, reduction)

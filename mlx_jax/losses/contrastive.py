@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax import _checks, reductions
-from mlx_jax.distances import safe_sqrt, squared_euclidean
-from mlx_jax.losses._common import prepare_batch, reduce_pair_terms
+from mlx_jax.distances import safe_sqrt, squared_euclidean_rows
+from mlx_jax.losses._common import Rows, map_anchor_rows, pair_rows, prepare_batch, reduce_pair_rows
 
 
 def contrastive_loss(
@@ -23,6 +23,7 @@ def contrastive_loss(
     balance: Literal["pairs", "pos_neg"] = "pairs",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    block_size: int | None = None,
 ) -> jax.Array:
     """Contrastive loss over every ordered pair (i, j), i != j, of the batch.
 
@@ -51,24 +52,33 @@ def contrastive_loss(
         unordered pair counts twice, as (i, j) and (j, i) (PML does the same), which
         ``"mean"`` cancels and ``"sum"`` does not.
         ``"none"`` returns the [B, B] matrix of weighted pair losses.
+      block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
+        the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
+        forward and backward pass (:mod:`mlx_jax.blockwise`), same value.
 
     Returns:
       float32 scalar (or [B, B] for ``reduction="none"``).
     """
     batch = prepare_batch(embeddings, labels, weights)
     _checks.non_negative(margin, "margin")
-    squared_distance = squared_euclidean(batch.embeddings)
-    distance = safe_sqrt(squared_distance)
+    _checks.choice(balance, "balance", ("pairs", "pos_neg"))
+    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
     if squared and (pos_margin != 0.0 or neg_margin is not None):
         raise ValueError(
             "pos_margin/neg_margin are PML's non-squared hinges: pass squared=False with them "
             "(the squared Hadsell form uses margin)"
         )
-    if squared:
-        positive_terms = 0.5 * squared_distance
-        negative_terms = 0.5 * jnp.square(jax.nn.relu(margin - distance))
-    else:
-        neg_margin = margin if neg_margin is None else neg_margin
-        positive_terms = jax.nn.relu(distance - pos_margin)
-        negative_terms = jax.nn.relu(neg_margin - distance)
-    return reduce_pair_terms(positive_terms, negative_terms, batch, reduction, balance)
+    neg_margin = margin if neg_margin is None else neg_margin
+
+    def per_rows(rows: Rows):
+        squared_distance = squared_euclidean_rows(batch.embeddings, rows.index, rows.embeddings)
+        distance = safe_sqrt(squared_distance)
+        if squared:
+            positive_terms = 0.5 * squared_distance
+            negative_terms = 0.5 * jnp.square(jax.nn.relu(margin - distance))
+        else:
+            positive_terms = jax.nn.relu(distance - pos_margin)
+            negative_terms = jax.nn.relu(neg_margin - distance)
+        return pair_rows(rows, batch, positive_terms, negative_terms, reduction)
+
+    return reduce_pair_rows(map_anchor_rows(per_rows, batch, block_size), reduction, balance)

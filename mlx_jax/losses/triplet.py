@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mlx_jax import _checks, reductions
 from mlx_jax import mining as mining_lib
-from mlx_jax.distances import safe_sqrt, squared_euclidean
-from mlx_jax.losses._common import prepare_batch
+from mlx_jax.distances import safe_sqrt, squared_euclidean, squared_euclidean_rows
+from mlx_jax.losses._common import Rows, map_anchor_rows, prepare_batch
 
 Mining = Literal["semihard", "batch_hard", "all", "semihard_band"]
 MINING: tuple[str, ...] = ("semihard", "batch_hard", "all", "semihard_band")
+# Default static bound on the positives per anchor for the sort-free path: covers batches
+# sampled with up to 8 samples per class (PK sampling, P×K with K <= 8); larger classes fall back
+# to the sort-based path, exact too.
+DEFAULT_MAX_POSITIVES = 7
 
 
 def _distances(x: jax.Array, y: jax.Array | None, squared: bool) -> jax.Array:
@@ -36,6 +40,8 @@ def triplet_loss(
     semihard_fallback: mining_lib.SemihardFallback = "farthest",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    max_positives: int | None = DEFAULT_MAX_POSITIVES,
+    block_size: int | None = None,
 ) -> jax.Array:
     """Triplet loss over triplets mined online from the batch (Schroff et al. 2015, Eq. 1/2).
 
@@ -59,10 +65,14 @@ def triplet_loss(
     * ``"semihard_band"`` (PML ``TripletMarginMiner(type_of_triplets="semihard")``): every
       triplet with 0 < d(a, n) − d(a, p) ≤ α. ``"none"`` → [B, B], summed over negatives.
 
-    ``"all"`` and ``"semihard_band"`` with the hinge never enumerate triplets: for each
-    anchor-positive pair the hinge sums over a contiguous range of the anchor's sorted negatives,
-    so Σ_n [d_ap − d_an + α]₊ = k·(d_ap + α) − (sum of those k distances), from prefix sums —
-    O(B² log B) time and O(B²) memory. ``soft=True`` needs every triplet's softplus; it loops over
+    Cost. ``"semihard"``, ``"all"`` and ``"semihard_band"`` visit each anchor's positives in
+    ``max_positives + 1`` slots found from the sorted labels and compare each positive distance
+    with all of the anchor's distances: O(B²·max_positives) time, no sort, no B×B×B tensor.
+    When some class of the batch has more than ``max_positives + 1`` samples (or
+    ``max_positives=None``) they use the sort-based path instead (chosen at run time with
+    ``lax.cond``, same result): each anchor's negatives sorted once, semi-hard negatives by
+    binary search, and for the hinge Σ_n [d_ap − d_an + α]₊ = k·(d_ap + α) − (sum of those k
+    distances) from prefix sums — O(B² log B) time, O(B²) memory; ``soft=True`` there loops over
     anchors with O(B²) memory per step.
 
     Args:
@@ -79,6 +89,13 @@ def triplet_loss(
       reduction: ``"mean"`` over mined triplets (default; TF's semi-hard loss averages over
         anchor-positive pairs the same way), ``"sum"`` (FaceNet's Σ), ``"mean_nonzero"``
         (PML's default ``AvgNonZeroReducer``) or ``"none"``.
+      max_positives: static bound on positives per anchor for the sort-free path (default 7:
+        batches with up to 8 samples per class, our choice for PK sampling); larger classes
+        or None → the sort-based path. Not used by ``"batch_hard"``.
+      block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
+        the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
+        forward and backward pass (:mod:`mlx_jax.blockwise`; times ``max_positives + 1`` for
+        the sort-free path), same value.
 
     Returns:
       float32 scalar (or the per-term array described above for ``reduction="none"``).
@@ -87,35 +104,150 @@ def triplet_loss(
     _checks.choice(mining, "mining", MINING)
     _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
     _checks.non_negative(margin, "margin")
-    distances = _distances(batch.embeddings, None, squared)
-    anchor_weight = batch.weights[:, None]
+    if semihard_fallback not in ("farthest", "drop"):
+        raise ValueError(
+            f"semihard_fallback must be 'farthest' or 'drop', got {semihard_fallback!r}"
+        )
+    if max_positives is not None and (
+        isinstance(max_positives, bool) or not isinstance(max_positives, int) or max_positives < 1
+    ):
+        raise ValueError(f"max_positives must be None or an int >= 1, got {max_positives!r}")
+    x = batch.embeddings
 
     if mining == "batch_hard":
-        hard = mining_lib.batch_hard(distances, batch.labels, batch.valid)
-        d_ap = jnp.take_along_axis(distances, hard.positive[:, None], axis=1)[:, 0]
-        d_an = jnp.take_along_axis(distances, hard.negative[:, None], axis=1)[:, 0]
-        losses = _hinge(d_ap - d_an + margin, soft)
-        weight = jnp.where(hard.valid, batch.weights, 0.0)
+
+        def hardest(rows: Rows):
+            # Selected on squared distances (sqrt is monotonic): only 2 square roots per anchor.
+            d2 = squared_euclidean_rows(x, rows.index, rows.embeddings)
+            positive, negative = rows.pair_masks(batch)
+            farthest = jnp.max(jnp.where(positive, d2, -jnp.inf), axis=1)
+            closest = jnp.min(jnp.where(negative, d2, jnp.inf), axis=1)
+            has_both = (farthest > -jnp.inf) & (closest < jnp.inf)
+            d_ap = jnp.where(has_both, farthest, 0.0)
+            d_an = jnp.where(has_both, closest, 0.0)
+            if not squared:
+                d_ap, d_an = safe_sqrt(d_ap), safe_sqrt(d_an)
+            return _hinge(d_ap - d_an + margin, soft), jnp.where(has_both, rows.weights, 0.0)
+
+        losses, weight = map_anchor_rows(hardest, batch, block_size)
         return reductions.reduce_weighted(losses, weight, reduction)
 
-    if mining == "semihard":
-        negative, pair_valid = mining_lib.semihard_negatives(
-            distances, batch.labels, batch.valid, fallback=semihard_fallback
+    options = _Options(margin, mining, soft, semihard_fallback, reduction == "none")
+    slots = None if max_positives is None else min(max_positives + 1, x.shape[0])
+    index = None if slots is None else mining_lib.class_index(batch.labels)
+
+    def per_rows(rows: Rows):
+        d2 = squared_euclidean_rows(x, rows.index, rows.embeddings)
+        distances = d2 if squared else safe_sqrt(d2)
+        positive, negative = rows.pair_masks(batch)
+
+        def every_pair():
+            terms = _all_positive_terms(distances, positive, negative, options)
+            return _row_result(terms, rows.weights, None, x.shape[0], reduction)
+
+        if index is None:
+            return every_pair()
+
+        def slotted():
+            slot_index, slot_mask = mining_lib.positive_slots(
+                index, slots, rows.index, rows.labels, rows.valid, batch.valid
+            )
+            d_ap = jnp.take_along_axis(distances, slot_index, axis=1)
+            terms = _direct_terms(distances, d_ap, slot_mask, negative, options)
+            return _row_result(terms, rows.weights, slot_index, x.shape[0], reduction)
+
+        return jax.lax.cond(index.largest <= slots, slotted, every_pair)
+
+    result = map_anchor_rows(per_rows, batch, block_size)
+    if reduction == "none":
+        return result
+    return reductions.reduce_terms(*result[:2], reduction, result[2])
+
+
+class _Options(NamedTuple):
+    margin: float
+    mining: str
+    soft: bool
+    fallback: str
+    per_pair: bool  # per-(anchor, positive) losses needed (reduction="none"), not just sums
+
+
+def _row_result(terms, row_weights, slot_index, columns: int, reduction: str):
+    """Weights per-(anchor, positive) (loss, count, nonzero) [R, K] by the anchor's weight:
+    the [R, B] loss matrix (slots scattered to their batch columns) for ``reduction="none"``,
+    else the per-row sums ([R] each) that :func:`reductions.reduce_terms` reduces."""
+    loss, count, nonzero = (t * row_weights[:, None] for t in terms)
+    if reduction != "none":
+        return jnp.sum(loss, axis=1), jnp.sum(count, axis=1), jnp.sum(nonzero, axis=1)
+    if slot_index is None:
+        return loss
+    rows = jnp.arange(loss.shape[0])[:, None]
+    return jnp.zeros((loss.shape[0], columns), loss.dtype).at[rows, slot_index].add(loss)
+
+
+def _direct_terms(distances, d_ap, positive, negative, options: _Options):
+    """Per anchor-positive pair, by comparing d_ap [R, K] with every distance [R, B] of the
+    anchor (O(R·K·B), no sort): (loss summed over the pair's triplets, number of triplets,
+    number with a loss > 0), each [R, K], 0 where ``positive`` [R, K] is False. Without
+    ``options.per_pair`` the hinge losses come as [R, 1] per-anchor sums.
+
+    The comparisons are those of the sort-based path (:func:`_all_positive_terms`): the band is
+    d_ap < d_an <= d_ap + α with d_ap + α rounded first, semi-hard takes the closest d_an > d_ap.
+    """
+    d_an = distances[:, None, :]
+    if options.mining == "semihard":
+        farther = negative[:, None, :] & (d_an > d_ap[:, :, None])
+        closest = jnp.min(jnp.where(farther, d_an, jnp.inf), axis=2)
+        found = closest < jnp.inf
+        farthest = jnp.max(jnp.where(negative, distances, -jnp.inf), axis=1)[:, None]
+        pair_valid = positive & (farthest > -jnp.inf)
+        if options.fallback == "drop":
+            pair_valid = pair_valid & found
+        chosen = jnp.where(pair_valid, jnp.where(found, closest, farthest), 0.0)
+        loss = jnp.where(pair_valid, _hinge(d_ap - chosen + options.margin, options.soft), 0.0)
+        count = pair_valid.astype(loss.dtype)
+        return loss, count, jnp.where(loss > 0, count, 0.0)
+    threshold = (d_ap + options.margin)[:, :, None]
+    selected = negative[:, None, :] & positive[:, :, None]
+    if options.mining == "semihard_band":
+        selected = selected & (d_an > d_ap[:, :, None]) & (d_an <= threshold)
+    dtype = distances.dtype
+    count = jnp.sum(selected, axis=2, dtype=dtype)
+    if options.soft:
+        loss = jnp.sum(jnp.where(selected, jax.nn.softplus(threshold - d_an), 0.0), axis=2)
+        return loss, count, count
+    active = selected & (d_an < threshold)  # the triplets with a positive hinge
+    nonzero = jnp.sum(active, axis=2, dtype=dtype)
+    if not options.per_pair:
+        # Only the anchor's total is needed: Σ_k Σ_n h·(t_k − d_n) = Σ_k k_k·t_k − Σ_n c_n·d_n
+        # with k_k = Σ_n h and c_n = Σ_k h, both piecewise constant. Same value, and the
+        # backward pass is [R, K] + [R, B] work instead of going through [R, K, B].
+        per_negative = jnp.sum(active, axis=1, dtype=dtype)  # c_n, [R, B]
+        loss = jnp.sum(nonzero * (d_ap + options.margin), axis=1) - jnp.sum(
+            per_negative * distances, axis=1
         )
-        d_an = jnp.take_along_axis(distances, negative, axis=1)
-        losses = _hinge(distances - d_an + margin, soft)
-        weight = jnp.where(pair_valid, anchor_weight, 0.0)
-        return reductions.reduce_weighted(losses, weight, reduction)
+        return loss[:, None], count, nonzero
+    loss = jnp.sum(jnp.where(active, threshold - d_an, 0.0), axis=2)
+    return loss, count, nonzero
 
-    positive, negative = mining_lib.pair_masks(batch.labels, batch.valid)
-    if soft:
-        loss, count, nonzero = _soft_triplet_sums(distances, positive, negative, margin, mining)
+
+def _all_positive_terms(distances, positive, negative, options: _Options):
+    """:func:`_direct_terms` for every column as a candidate positive (K = B), in
+    O(B log B) per anchor: sorted negatives with prefix sums (no R×B×B tensor)."""
+    if options.mining == "semihard":
+        selected, pair_valid = mining_lib.semihard_negatives_rows(
+            distances, distances, positive, negative, fallback=options.fallback
+        )
+        d_an = jnp.take_along_axis(distances, selected, axis=1)
+        losses = _hinge(distances - d_an + options.margin, options.soft)
+        loss = jnp.where(pair_valid, losses, 0.0)
+        count = pair_valid.astype(loss.dtype)
+        return loss, count, jnp.where(loss > 0, count, 0.0)
+    if options.soft:
+        terms = _soft_triplet_sums(distances, positive, negative, options.margin, options.mining)
     else:
-        loss, count, nonzero = _hinge_triplet_sums(distances, negative, margin, mining)
-    pair_weight = jnp.where(positive, anchor_weight, 0.0)
-    return reductions.reduce_terms(
-        loss * pair_weight, count * pair_weight, reduction, nonzero * pair_weight
-    )
+        terms = _hinge_triplet_sums(distances, negative, options.margin, options.mining)
+    return tuple(jnp.where(positive, t, 0.0) for t in terms)
 
 
 def _hinge_triplet_sums(distances, negative, margin, mining):

@@ -1,0 +1,79 @@
+"""Row-block evaluation: the one mechanism behind every loss's ``block_size`` keyword.
+
+A batch loss over pairs is a sum over *anchor rows* of terms that need the anchor's row of the
+[B, B] distance matrix and nothing else (batch-hard, semi-hard and all-triplet mining,
+contrastive, circle and the standalone center loss all are). :func:`map_row_blocks` evaluates
+such a per-row function
+
+* densely (``block_size=None``, or ``block_size >= B``): once, on all B rows — the [B, B]
+  matrix exists, XLA fuses everything, fastest for batches that fit;
+* blockwise: on ``ceil(B / block_size)`` blocks of ``block_size`` rows, one after the other
+  (``lax.map``), each against all B columns, with the per-block function wrapped in
+  ``jax.checkpoint``. The forward pass holds one [block_size, B] block at a time, and so does
+  the backward pass: the scan saves only each block's inputs and recomputes the block's
+  distances when differentiating (one extra forward matmul per block), so memory is
+  O(B·block_size + B·D) instead of O(B²).
+
+When B is not a multiple of ``block_size`` the rows are padded with zero rows to the next
+multiple; the caller gives padding rows zero weight (the row arguments are zero-padded, so a
+weight or ``valid`` argument is 0/False there) and the padded outputs are cut off, so the
+result is exact. Row indices of padding rows are >= B and match no column.
+
+The per-row function gets the batch indices of its rows (to recognise the self pair) and its
+slices of the row arguments; column data (all B samples) are closed over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_block_size(block_size: int | None, name: str = "block_size") -> int | None:
+    """``block_size`` is None (dense) or a positive Python int (static: it sets shapes)."""
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
+        raise TypeError(f"{name} must be None or a positive int (static), got {block_size!r}")
+    if block_size < 1:
+        raise ValueError(f"{name} must be >= 1, got {block_size}")
+    return int(block_size)
+
+
+def map_row_blocks(
+    fn: Callable[..., Any],
+    row_args: tuple[jax.Array, ...],
+    *,
+    block_size: int | None = None,
+) -> Any:
+    """``fn(row_index [R], *row_args[rows])`` over all B rows, densely or in row blocks.
+
+    Args:
+      fn: per-row function; takes the [R] int32 batch indices of its rows and the [R, ...]
+        slices of ``row_args``, returns a pytree of arrays with leading dimension R.
+      row_args: arrays with leading dimension B (e.g. embeddings [B, D], labels [B],
+        weights [B]); zero-padded in the blockwise form.
+      block_size: None (dense: one call on all rows) or the rows per block.
+
+    Returns:
+      ``fn``'s pytree with leading dimension B, equal to the dense call up to float rounding.
+    """
+    block_size = check_block_size(block_size)
+    batch = row_args[0].shape[0]
+    if block_size is None or block_size >= batch:
+        return fn(jnp.arange(batch, dtype=jnp.int32), *row_args)
+    blocks = -(-batch // block_size)
+    padded = blocks * block_size
+
+    def split(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, [(0, padded - batch)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(blocks, block_size, *a.shape[1:])
+
+    index = jnp.arange(padded, dtype=jnp.int32).reshape(blocks, block_size)
+    per_block = jax.checkpoint(lambda args: fn(*args))
+    out = jax.lax.map(per_block, (index, *(split(a) for a in row_args)))
+    return jax.tree_util.tree_map(lambda o: o.reshape(padded, *o.shape[2:])[:batch], out)
