@@ -48,13 +48,13 @@ class LeNetPlusPlus(nnx.Module):
 
 
 class _BasicBlock(nnx.Module):
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, stride: int, *, axis_name: str | None, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(
             cin, cout, (3, 3), strides=stride, padding=1, use_bias=False, rngs=rngs
         )
-        self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cout, axis_name=axis_name, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, axis_name=axis_name, rngs=rngs)
         self.project = (
             nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
             if stride != 1 or cin != cout
@@ -68,14 +68,26 @@ class _BasicBlock(nnx.Module):
 
 
 class SmallResNet(nnx.Module):
-    def __init__(self, in_channels: int, feat_dim: int, *, blocks: int = 3, rngs: nnx.Rngs):
+    """``axis_name``: when training data-parallel under ``jax.shard_map``, the batch axis; the
+    BatchNorm batch statistics are then averaged over it (synchronised BatchNorm), so they are
+    the statistics of the global batch, as on one device."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        feat_dim: int,
+        *,
+        blocks: int = 3,
+        axis_name: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         self.stem = nnx.Conv(in_channels, 16, (3, 3), padding=1, use_bias=False, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(16, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(16, axis_name=axis_name, rngs=rngs)
         layers, cin = [], 16
         for stage, cout in enumerate([16, 32, 64]):
             for b in range(blocks):
                 stride = 2 if (stage > 0 and b == 0) else 1
-                layers.append(_BasicBlock(cin, cout, stride, rngs=rngs))
+                layers.append(_BasicBlock(cin, cout, stride, axis_name=axis_name, rngs=rngs))
                 cin = cout
         self.blocks = nnx.List(layers)
         self.embed = nnx.Linear(cin, feat_dim, rngs=rngs)

@@ -133,25 +133,26 @@ def test_global_loss_value_and_gradients_equal_single_device(
         _assert_close(g8, g, f"{name} d/d {key}")
 
 
+def _on_shards(mesh, fn, x, y, w, out_specs=None):
+    """fn(x, y, w) under shard_map with the three batch arrays split over the devices."""
+    out_specs = P() if out_specs is None else out_specs
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(AXIS),) * 3, out_specs=out_specs)(x, y, w)
+
+
 def test_disjoint_batch_needs_the_other_devices_negatives(mesh):
     """Guards the fixture: per-device losses on the disjoint batch (no negatives locally) are
     0, so only the gathered loss can match the single-device value."""
     x, y, w = _batch("disjoint")
-    local = parallel.global_batch_loss(L.triplet_loss, AXIS, per_sample=False)
+    global_loss = parallel.global_batch_loss(L.triplet_loss, AXIS)
 
     def per_device(x, y, w):
         return L.triplet_loss(x, y, weights=w, mining="batch_hard")[None]
 
-    local_values = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS),) * 3, out_specs=P(AXIS))(
-        x, y, w
-    )
+    local_values = _on_shards(mesh, per_device, x, y, w, out_specs=P(AXIS))
     np.testing.assert_array_equal(np.asarray(local_values), 0.0)
-    gathered = jax.shard_map(
-        lambda x, y, w: local(x, y, weights=w, mining="batch_hard"),
-        mesh=mesh,
-        in_specs=(P(AXIS),) * 3,
-        out_specs=P(),
-    )(x, y, w)
+    gathered = _on_shards(
+        mesh, lambda x, y, w: global_loss(x, y, weights=w, mining="batch_hard"), x, y, w
+    )
     _assert_close(gathered, L.triplet_loss(x, y, weights=w, mining="batch_hard"), "value")
     assert float(gathered) > 0
 
@@ -159,12 +160,9 @@ def test_disjoint_batch_needs_the_other_devices_negatives(mesh):
 def test_reduction_none_gathered_returns_the_global_terms(mesh):
     x, y, w = _batch("mixed")
     global_loss = parallel.global_batch_loss(L.circle_loss, AXIS)
-    terms = jax.shard_map(
-        lambda x, y, w: global_loss(x, y, weights=w, reduction="none"),
-        mesh=mesh,
-        in_specs=(P(AXIS),) * 3,
-        out_specs=P(),
-    )(x, y, w)
+    terms = _on_shards(
+        mesh, lambda x, y, w: global_loss(x, y, weights=w, reduction="none"), x, y, w
+    )
     _assert_close(terms, L.circle_loss(x, y, weights=w, reduction="none"), "terms")
 
 

@@ -1,0 +1,76 @@
+"""The experiments driver's --devices: a data-parallel tiny run on 8 devices gives the metrics of
+the single-device run (same batches, exact global losses), and bad device counts are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import driver
+from mlx_jax import data as D
+from tests.test_data import cifar_members, write_cifar_tarball
+from tests.test_experiments import data_dir, history, train  # noqa: F401  (data_dir: fixture)
+
+CONTINUOUS = ["loss", "intra_inter_ratio", "map_at_r"]
+DISCRETE = ["accuracy", "knn_accuracy", "precision_at_1"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [
+        ("cent", []),  # softmax + center loss, α-rule centers from psum-ed class statistics
+        ("triplet", ["--mining", "batch_hard"]),  # global negatives across devices
+    ],
+)
+def test_eight_devices_give_the_single_device_metrics(loss, extra, data_dir, tmp_path):  # noqa: F811
+    common = ["--loss", loss, "--epochs", "2", "--lr", "0.05", *extra]
+    train(data_dir, tmp_path / "one", *common, "--devices", "1")
+    train(data_dir, tmp_path / "eight", *common, "--devices", "8")
+    one, eight = history(tmp_path / "one"), history(tmp_path / "eight")
+    assert [r["step"] for r in eight] == [r["step"] for r in one]
+    for r1, r8 in zip(one, eight, strict=True):
+        for key in CONTINUOUS:
+            np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, err_msg=key)
+        for key in DISCRETE:  # 160 test images: allow one borderline sample to flip
+            assert abs(r8[key] - r1[key]) <= 1 / 160 + 1e-9, (key, r1[key], r8[key])
+
+
+def test_cifar_resnet_batchnorm_statistics_are_synchronised(tmp_path, monkeypatch):
+    """SmallResNet's BatchNorm averages its batch statistics over the devices (one image per
+    device here), so the 8-device run trains like the single-device one."""
+    monkeypatch.setenv(D.NO_FETCH_ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    rng = np.random.default_rng(0)
+    arrays = {
+        split: (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 10)
+        for split, n in (("train", 40), ("test", 20))
+    }
+    write_cifar_tarball(tmp_path / "data" / "cifar-10-python.tar.gz", cifar_members(arrays, 8))
+    runs = {}
+    for devices in ("1", "8"):
+        out = tmp_path / f"run{devices}"
+        argv = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--batch-size", "8"]
+        argv += ["--epochs", "1", "--quiet", "--loss", "xent", "--devices", devices]
+        driver.run(driver.config_from_args("cifar10", argv))
+        runs[devices] = history(out)[0]
+    for key in CONTINUOUS:
+        np.testing.assert_allclose(runs["8"][key], runs["1"][key], rtol=1e-3, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--devices", "3"], r"--batch-size \(32\) must be divisible by the number of devices \(3"),
+        (["--devices", "9"], r"--devices must be in \[1, 8\]"),
+        (["--devices", "0"], r"--devices must be in \[1, 8\]"),
+    ],
+)
+def test_bad_device_counts_are_refused(argv, message):
+    argv = ["--batch-size", "32", *argv]
+    with pytest.raises(SystemExit, match=message):
+        driver.config_from_args("fashion_mnist", argv)
+
+
+def test_default_uses_every_local_device_and_checks_the_batch(data_dir, tmp_path):  # noqa: F811
+    with pytest.raises(SystemExit, match=r"must be divisible by the number of devices \(8"):
+        train(data_dir, tmp_path / "run", "--loss", "xent", "--epochs", "1", "--batch-size", "20")
