@@ -35,6 +35,18 @@ def test_eight_devices_give_the_single_device_metrics(loss, extra, data_dir, tmp
             assert abs(r8[key] - r1[key]) <= 1 / 160 + 1e-9, (key, r1[key], r8[key])
 
 
+def test_a_run_stopped_on_eight_devices_resumes_on_one(data_dir, tmp_path):  # noqa: F811
+    """--devices is not part of the run's configuration: the math is the same."""
+    common = ["--loss", "cent", "--epochs", "2", "--lr", "0.05"]
+    train(data_dir, tmp_path / "straight", *common, "--devices", "1")
+    train(data_dir, tmp_path / "split", *common, "--devices", "8", "--stop-after", "1")
+    train(data_dir, tmp_path / "split", *common, "--devices", "1", "--resume")
+    straight, split = history(tmp_path / "straight"), history(tmp_path / "split")
+    assert [r["epoch"] for r in split] == [1, 2]
+    for key in CONTINUOUS:
+        np.testing.assert_allclose(split[-1][key], straight[-1][key], rtol=1e-3, err_msg=key)
+
+
 def test_cifar_resnet_batchnorm_statistics_are_synchronised(tmp_path, monkeypatch):
     """SmallResNet's BatchNorm averages its batch statistics over the devices (one image per
     device here), so the 8-device run trains like the single-device one."""
