@@ -33,6 +33,13 @@ replicated on every device of the axis. ``batch_sharded=True``: they are sharded
 batch over the same axis (data parallel, as insightface) and gathered inside: the loss is that
 of the whole global batch, and each device's embedding gradient is its own rows of it
 (insightface's ``AllGather`` backward, a reduce-scatter).
+
+**Sampled Partial FC** (``sample_rate`` r < 1, the paper's method; insightface ``PartialFC_V2``):
+each device keeps the classes of its shard that occur in the batch's labels plus uniformly random
+other classes, floor(r·C/N) columns in all, and the softmax runs over the kept classes only
+(positives are always kept, so every target logit is exact). It is an approximation of the
+loss above — equal to the unsharded loss over the sampled classes — that saves the B·(1 − r)·C/N
+logits and their exps; only the sampled columns of W get a gradient.
 """
 
 from __future__ import annotations
@@ -116,14 +123,33 @@ def shard_class_weights(
 # --------------------------------------------------------------------------------------------
 
 
-def _local_cosines(x, w_local, axis_name, num_classes):
-    """This device's cosines [B, C_local], its global class ids [C_local] and which of them are
-    real classes (< num_classes) rather than padding."""
-    x, w_local = _checks.promote_all(x, w_local)
+def _shard_columns(w_local: jax.Array, axis_name: str) -> jax.Array:
+    """Global class ids [C_local] of this device's shard: [k·C_local, (k+1)·C_local)."""
     local_classes = w_local.shape[1]
     offset = jax.lax.axis_index(axis_name) * local_classes
-    columns = offset + jnp.arange(local_classes, dtype=jnp.int32)
-    return _cosines(x, w_local), columns, columns < num_classes
+    return offset + jnp.arange(local_classes, dtype=jnp.int32)
+
+
+def _margin_terms(x, labels, w_columns, columns, axis_name, num_classes, margins):
+    """L_i [B] from this device's columns ``w_columns`` [D, K] of W with global ids ``columns``
+    [K] (its whole shard, or the classes it sampled); ids >= num_classes are padding.
+    ``margins`` = (m1, m2, m3, scale, boundary)."""
+    m1, m2, m3, scale, boundary = margins
+    x, w_columns = _checks.promote_all(x, w_columns)
+    cosines = _cosines(x, w_columns)
+    owner = labels[:, None] == columns[None, :]  # at most one True per row, on one device
+    cos_y = jax.lax.psum(jnp.sum(jnp.where(owner, cosines, 0.0), axis=1), axis_name)
+    in_range = jnp.logical_and(labels >= 0, labels < num_classes)
+    cos_y = jnp.where(in_range, cos_y, jnp.nan)  # no owner: NaN, as take_target unsharded
+    target = _combined_target(cos_y, m1, m2, m3, boundary)
+    logits = scale * jnp.where(owner, target[:, None], cosines)
+    logits = jnp.where((columns < num_classes)[None, :], logits, -jnp.inf)
+    # The max only keeps exp() in range: any M gives the same log-sum-exp, so it carries no
+    # gradient (as jax.nn.logsumexp); a shard of padding columns only has max −inf.
+    local_max = jax.lax.stop_gradient(jnp.max(logits, axis=1))
+    row_max = jax.lax.pmax(local_max, axis_name)
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), axis_name)
+    return row_max + jnp.log(sum_exp) - scale * target
 
 
 def partial_fc_terms(
@@ -148,22 +174,27 @@ def partial_fc_terms(
     device (see the module docstring for the math). Hyperparameters as in
     :func:`~mlx_jax.losses.margin_softmax.combined_margin_loss`; no argument checks here.
     """
-    cosines, columns, valid_columns = _local_cosines(
-        embeddings, class_weights_shard, axis_name, num_classes
+    columns = _shard_columns(class_weights_shard, axis_name)
+    margins = (m1, m2, m3, scale, boundary)
+    return _margin_terms(
+        embeddings, labels, class_weights_shard, columns, axis_name, num_classes, margins
     )
-    owner = labels[:, None] == columns[None, :]  # at most one True per row, on one device
-    cos_y = jax.lax.psum(jnp.sum(jnp.where(owner, cosines, 0.0), axis=1), axis_name)
-    in_range = jnp.logical_and(labels >= 0, labels < num_classes)
-    cos_y = jnp.where(in_range, cos_y, jnp.nan)  # no owner: NaN, as take_target unsharded
-    target = _combined_target(cos_y, m1, m2, m3, boundary)
-    logits = scale * jnp.where(owner, target[:, None], cosines)
-    logits = jnp.where(valid_columns[None, :], logits, -jnp.inf)
-    # The max only keeps exp() in range: any M gives the same log-sum-exp, so it carries no
-    # gradient (as jax.nn.logsumexp); a shard of padding columns only has max −inf.
-    local_max = jax.lax.stop_gradient(jnp.max(logits, axis=1))
-    row_max = jax.lax.pmax(local_max, axis_name)
-    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), axis_name)
-    return row_max + jnp.log(sum_exp) - scale * target
+
+
+def _sample_columns(labels, w_local, key, axis_name, num_classes, num_sample):
+    """insightface ``PartialFC_V2.sample``: this device's positive classes (labels in its
+    shard) plus uniformly random other real classes, ``num_sample`` in all, in class order.
+
+    Returns (W[:, sampled] [D, num_sample], sampled global ids [num_sample]).
+    """
+    columns = _shard_columns(w_local, axis_name)
+    positive = jnp.any(labels[:, None] == columns[None, :], axis=0)
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    score = jax.random.uniform(key, columns.shape)
+    # Positives first (score 2 > any uniform), padding last (−1).
+    score = jnp.where(positive, 2.0, jnp.where(columns < num_classes, score, -1.0))
+    index = jnp.sort(jax.lax.top_k(score, num_sample)[1])
+    return jnp.take(w_local, index, axis=1), columns[index]
 
 
 def _gather_rows(local: jax.Array, axis_name: str) -> jax.Array:
@@ -238,6 +269,8 @@ def partial_fc_loss(
     boundary: Boundary = "monotonic",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    sample_rate: float = 1.0,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """insightface's combined margin softmax with W sharded by class (exact Partial FC).
 
@@ -271,6 +304,13 @@ def partial_fc_loss(
       weights: optional [B] per-sample weights, placed like ``embeddings`` (zero excludes).
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``. ``"none"`` returns the
         [B] weighted per-sample losses, replicated.
+      sample_rate: r in (0, 1]; default 1 (exact). r < 1 is Partial FC's sampled softmax (An
+        et al. 2021; insightface ``PartialFC_V2``): each device keeps the classes of
+        the batch's labels in its shard plus random other classes, floor(r·C_pad/N) in all
+        (which must be >= min(B, C_pad/N) so that every positive fits), and the normaliser
+        runs over the sampled classes only. No longer equal to the unsharded loss, and only
+        sampled columns of W get a gradient.
+      key: a ``jax.random`` key for r < 1 (device k folds in k); ignored for r = 1.
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``; replicated.
@@ -279,32 +319,45 @@ def partial_fc_loss(
     x, y, w, sample_w, num_classes = _check_sharded_inputs(
         embeddings, labels, class_weights, weights, mesh, axis_name, num_classes, batch_sharded
     )
+    num_sample = _num_sample(sample_rate, key, x.shape[0], w.shape[1] // mesh.shape[axis_name])
     batch_spec = P(axis_name) if batch_sharded else P()
 
-    def per_device(x, y, w_local, sample_w):
+    def per_device(x, y, w_local, sample_w, key):
         if batch_sharded:
             x, y, sample_w = (_gather_rows(a, axis_name) for a in (x, y, sample_w))
-        terms = partial_fc_terms(
-            x,
-            y,
-            w_local,
-            axis_name=axis_name,
-            num_classes=num_classes,
-            m1=m1,
-            m2=m2,
-            m3=m3,
-            scale=scale,
-            boundary=boundary,
-        )
+        if num_sample < w_local.shape[1]:
+            w_local, columns = _sample_columns(y, w_local, key, axis_name, num_classes, num_sample)
+        else:
+            columns = _shard_columns(w_local, axis_name)
+        margins = (m1, m2, m3, scale, boundary)
+        terms = _margin_terms(x, y, w_local, columns, axis_name, num_classes, margins)
         return reductions.reduce_weighted(terms, sample_w.astype(terms.dtype), reduction)
 
     sharded = jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(batch_spec, batch_spec, P(None, axis_name), batch_spec),
+        in_specs=(batch_spec, batch_spec, P(None, axis_name), batch_spec, P()),
         out_specs=P(),
     )
-    return sharded(x, y, w, sample_w)
+    return sharded(x, y, w, sample_w, jax.random.key(0) if key is None else key)
+
+
+def _num_sample(sample_rate, key, batch: int, local_classes: int) -> int:
+    """Classes kept per device: floor(r·C_local) (insightface), checked to fit the positives."""
+    if not 0.0 < float(sample_rate) <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    num_sample = max(int(float(sample_rate) * local_classes), 1)
+    if num_sample >= local_classes:
+        return local_classes
+    if key is None:
+        raise ValueError("key must be a jax.random key when sample_rate < 1 (random negatives)")
+    if num_sample < min(batch, local_classes):
+        raise ValueError(
+            f"sample_rate must keep at least min(batch, classes per device) = "
+            f"{min(batch, local_classes)} classes per device so that every positive class "
+            f"fits, got sample_rate={sample_rate}: {num_sample} of {local_classes}"
+        )
+    return num_sample
 
 
 def partial_fc_arcface_loss(
@@ -321,12 +374,14 @@ def partial_fc_arcface_loss(
     boundary: Boundary = "monotonic",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    sample_rate: float = 1.0,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """ArcFace (Deng et al. 2019, Eq. 3) with W sharded by class: :func:`partial_fc_loss` with
     (m1, m2, m3) = (1, margin, 0); equals :func:`~mlx_jax.losses.margin_softmax.arcface_loss`.
 
     Defaults as the paper and insightface: s = 64, margin = 0.5 rad, ``"monotonic"`` boundary.
-    Other arguments as :func:`partial_fc_loss`.
+    Other arguments (``sample_rate`` and ``key`` too) as :func:`partial_fc_loss`.
     """
     _checks.non_negative(margin, "margin")
     return partial_fc_loss(
@@ -342,6 +397,8 @@ def partial_fc_arcface_loss(
         boundary=boundary,
         weights=weights,
         reduction=reduction,
+        sample_rate=sample_rate,
+        key=key,
     )
 
 
@@ -358,11 +415,14 @@ def partial_fc_cosface_loss(
     margin: float = 0.35,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    sample_rate: float = 1.0,
+    key: jax.Array | None = None,
 ) -> jax.Array:
     """CosFace (Wang et al. 2018, Eq. 4) with W sharded by class: :func:`partial_fc_loss` with
     (m1, m2, m3) = (1, 0, margin); equals :func:`~mlx_jax.losses.margin_softmax.cosface_loss`.
 
-    Defaults as the paper: s = 64, margin = 0.35. Other arguments as :func:`partial_fc_loss`.
+    Defaults as the paper: s = 64, margin = 0.35. Other arguments (``sample_rate`` and ``key``
+    too) as :func:`partial_fc_loss`.
     """
     _checks.non_negative(margin, "margin")
     return partial_fc_loss(
@@ -378,6 +438,8 @@ def partial_fc_cosface_loss(
         boundary="none",
         weights=weights,
         reduction=reduction,
+        sample_rate=sample_rate,
+        key=key,
     )
 
 
@@ -401,8 +463,9 @@ def partial_fc_predict(
     )
 
     def per_device(x, w_local):
-        cosines, columns, valid_columns = _local_cosines(x, w_local, axis_name, num_classes)
-        cosines = jnp.where(valid_columns[None, :], cosines, -jnp.inf)
+        columns = _shard_columns(w_local, axis_name)
+        cosines = _cosines(*_checks.promote_all(x, w_local))
+        cosines = jnp.where((columns < num_classes)[None, :], cosines, -jnp.inf)
         local_best = jnp.max(cosines, axis=1)
         best = jax.lax.pmax(local_best, axis_name)
         local_index = columns[jnp.argmax(cosines, axis=1)]

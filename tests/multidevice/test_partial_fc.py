@@ -269,3 +269,98 @@ def test_bad_arguments_name_the_argument():
         pfc.partial_fc_loss(x, y, w_sharded, mesh=mesh, reduction="max")
     with pytest.raises(TypeError, match="mesh"):
         pfc.partial_fc_loss(x, y, w_sharded, mesh=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled Partial FC (sample_rate < 1)
+# --------------------------------------------------------------------------------------------
+
+
+def sampled_value_and_grads(x, y, w, key, **kwargs):
+    mesh = class_mesh()
+    loss = functools.partial(pfc.partial_fc_loss, mesh=mesh, key=key, **kwargs)
+    return value_and_grads(loss, x, y, w)
+
+
+@pytest.mark.parametrize("classes", [C, 10_001])
+def test_sampled_loss_is_the_exact_loss_over_the_sampled_classes(classes):
+    """r = 0.1: each device keeps its positives plus random classes, floor(0.1·C_pad/8) in all;
+    the loss and gradients are those of the unsharded loss over exactly those classes."""
+    mesh = class_mesh()
+    x, y, w = problem(11, classes=classes)
+    w_sharded = pfc.shard_class_weights(w, mesh)
+    local = pfc.padded_num_classes(classes, N) // N
+    kwargs = dict(num_classes=classes, m2=0.5, scale=8.0, sample_rate=0.1)
+    value, gx, gw, _ = sampled_value_and_grads(x, y, w_sharded, jax.random.key(3), **kwargs)
+    # With s = 8 no exp underflows: the sampled classes are exactly the columns with gradient.
+    sampled = np.flatnonzero(np.any(gw != 0.0, axis=0))
+    assert len(sampled) == N * int(0.1 * local)
+    assert set(y.tolist()) <= set(sampled.tolist())  # every positive is kept
+    assert sampled.max() < classes  # padding is never sampled
+    relabeled = np.searchsorted(sampled, y).astype(np.int32)
+    expected, ex, ew, _ = value_and_grads(
+        combined_margin_loss, x, relabeled, w[:, sampled], m2=0.5, scale=8.0
+    )
+    assert_close(value, expected, 1e-6, "loss")
+    assert_close(gx, ex, 2e-5, "d/d embeddings")
+    assert_close(gw[:, sampled], ew, 2e-5, "d/d sampled class_weights")
+    exact = value_and_grads(
+        pfc.partial_fc_loss,
+        x,
+        y,
+        w_sharded,
+        mesh=mesh,
+        **{k: v for k, v in kwargs.items() if k != "sample_rate"},
+    )[0]
+    assert value < exact  # fewer negatives in the normaliser
+
+
+def test_sampling_depends_on_the_key_only():
+    x, y, w = problem(12)
+    w_sharded = pfc.shard_class_weights(w, class_mesh())
+
+    def sampled(key):
+        gw = sampled_value_and_grads(x, y, w_sharded, key, scale=8.0, sample_rate=0.2)[2]
+        return np.flatnonzero(np.any(gw != 0.0, axis=0))
+
+    first, again, other = (
+        sampled(jax.random.key(0)),
+        sampled(jax.random.key(0)),
+        sampled(jax.random.key(1)),
+    )
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    # Each device draws its own negatives (the key is folded with the device index): the
+    # positions sampled on shard 0 and shard 1 overlap about as much as chance (r = 0.2).
+    local = C // N
+    shard0, shard1 = (set((first[first // local == k] % local).tolist()) for k in (0, 1))
+    assert len(shard0 & shard1) < 0.5 * len(shard0)
+
+
+def test_sampled_batch_sharded_equals_replicated():
+    mesh = class_mesh()
+    x, y, w = problem(13)
+    w_sharded = pfc.shard_class_weights(w, mesh)
+    key = jax.random.key(5)
+    replicated = sampled_value_and_grads(x, y, w_sharded, key, sample_rate=0.1, m3=0.2)
+    rows = NamedSharding(mesh, P("model"))
+    xs, ys = jax.device_put(x, rows), jax.device_put(y, rows)
+    sharded = sampled_value_and_grads(
+        xs, ys, w_sharded, key, sample_rate=0.1, m3=0.2, batch_sharded=True
+    )
+    for a, b, what in zip(sharded[:3], replicated[:3], ("loss", "dx", "dW"), strict=True):
+        assert_close(a, b, 2e-5, what)
+
+
+def test_sampled_arguments_are_checked():
+    mesh = class_mesh()
+    x, y, w = problem(14)
+    w_sharded = pfc.shard_class_weights(w, mesh)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="sample_rate must keep at least min.*32"):
+        pfc.partial_fc_arcface_loss(x, y, w_sharded, mesh=mesh, sample_rate=0.01, key=key)
+    with pytest.raises(ValueError, match="key"):
+        pfc.partial_fc_cosface_loss(x, y, w_sharded, mesh=mesh, sample_rate=0.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\]"):
+            pfc.partial_fc_loss(x, y, w_sharded, mesh=mesh, sample_rate=bad, key=key)
