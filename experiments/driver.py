@@ -765,8 +765,8 @@ def run(cfg: Config) -> dict:
 
 def _samples_per_class(cfg: Config, num_classes: int) -> int:
     """m of class-balanced batches: --samples-per-class, else the smallest m >= 4 (FaceNet and
-    PML's MPerClassSampler use few per class) that divides the batch into at most
-    ``num_classes`` classes."""
+    PML's MPerClassSampler use few per class) that divides the batch into 2 to ``num_classes``
+    classes (a batch needs two classes for negatives)."""
     if cfg.samples_per_class is not None:
         m = cfg.samples_per_class
         if cfg.batch_size // m > num_classes:
@@ -776,10 +776,13 @@ def _samples_per_class(cfg: Config, num_classes: int) -> int:
                 f"{num_classes}; raise --samples-per-class"
             )
         return m
-    for m in range(4, cfg.batch_size + 1):
-        if cfg.batch_size % m == 0 and cfg.batch_size // m <= num_classes:
+    for m in range(4, cfg.batch_size // 2 + 1):
+        if cfg.batch_size % m == 0 and 2 <= cfg.batch_size // m <= num_classes:
             return m
-    raise AssertionError("unreachable: m = batch_size always fits")
+    raise SystemExit(
+        f"error: --batch-size {cfg.batch_size} cannot be split into 2 to {num_classes} classes "
+        "of at least 4 samples each; choose another --batch-size or set --samples-per-class"
+    )
 
 
 def _open_set_data(cfg: Config, dataset: data_lib.Dataset) -> open_set_lib.OpenSetData | None:

@@ -190,7 +190,10 @@ def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
         (["--limit", "0"], "--limit must be >= 1"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--lr", "-1"], "--lr must be > 0"),
-        (["--loss", "triplet", "--batch-size", "30"], "must be a multiple of --samples-per-class"),
+        (
+            ["--loss", "triplet", "--batch-size", "30", "--samples-per-class", "4"],
+            "must be a multiple of --samples-per-class",
+        ),
     ],
 )
 def test_bad_flags_are_rejected_eagerly(argv, message):

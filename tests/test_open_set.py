@@ -268,3 +268,6 @@ def test_default_samples_per_class_fits_ten_classes(data_dir, tmp_path):  # noqa
     )
     with pytest.raises(SystemExit, match="32 classes per batch, but the training set has 10"):
         driver._samples_per_class(too_many, 10)
+    prime = driver.config_from_args("fashion_mnist", ["--loss", "triplet", "--batch-size", "31"])
+    with pytest.raises(SystemExit, match="--batch-size 31 cannot be split into 2 to 10 classes"):
+        driver._samples_per_class(prime, 10)
