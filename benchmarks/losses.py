@@ -88,6 +88,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import cpu_model, pin_threads, timed_blocks
 from mlx_jax import centers as centers_lib
 from mlx_jax import losses as L
 
@@ -554,37 +555,6 @@ def compile_step(fn: Callable[..., Any], args: Sequence[jax.Array]) -> Compiled:
     return Compiled(run, compile_s, _memory_dict(compiled))
 
 
-def timed_blocks(
-    sides: dict[str, Callable[[], Any]],
-    repeats: int,
-    block: int,
-    pause: float,
-    warmup: int,
-    settle: int = 0,
-) -> dict[str, list[float]]:
-    """Seconds per call of each side, ``repeats`` each, in alternating blocks of ``block``
-    timed calls with ``pause`` seconds of sleep after every block. ``warmup`` untimed calls per
-    side come first, and ``settle`` untimed calls open every block."""
-    for fn in sides.values():
-        for _ in range(warmup):
-            fn()
-        time.sleep(pause)
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    while any(len(t) < repeats for t in times.values()):
-        for name, fn in sides.items():
-            n = min(block, repeats - len(times[name]))
-            if n <= 0:
-                continue
-            for _ in range(settle):
-                fn()
-            for _ in range(n):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            time.sleep(pause)
-    return times
-
-
 # --------------------------------------------------------------------------------------------
 # One configuration
 # --------------------------------------------------------------------------------------------
@@ -825,44 +795,6 @@ def measure_rss(rows: list[Row], args: argparse.Namespace, threads: int, with_pm
 
 
 # --------------------------------------------------------------------------------------------
-# Threads
-# --------------------------------------------------------------------------------------------
-
-
-def _backends_initialized() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
-        return True  # unknown: assume the worst (only changes a warning)
-
-
-def pin_threads(threads: int | None) -> int:
-    """Pins every thread of this process to the first ``threads`` allowed CPUs (default: all
-    of them) so XLA's pool — sized from the affinity mask when JAX's CPU client is created —
-    and torch (set separately) use the same cores. Returns the number of threads."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads is None or threads == len(allowed):
-        return len(allowed)
-    if not 1 <= threads <= len(allowed):
-        raise ValueError(f"--threads must be in [1, {len(allowed)}], got {threads}")
-    if _backends_initialized():
-        warnings.warn(
-            "JAX's CPU backend already exists: XLA's thread pool keeps its size; its threads "
-            f"are only confined to {threads} CPUs",
-            stacklevel=2,
-        )
-    cpus = set(allowed[:threads])
-    for task in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(task), cpus)
-        except OSError:
-            pass  # a thread that ended meanwhile
-    return threads
-
-
-# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -911,17 +843,6 @@ def format_table(rows: list[Row], with_pml: bool, with_rss: bool) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def metadata(
     args: argparse.Namespace, argv: Sequence[str], threads: int, t: Torch | None
 ) -> dict[str, Any]:
@@ -929,7 +850,7 @@ def metadata(
     return {
         "command": " ".join(["python -m benchmarks.losses", *argv]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "threads": threads,
         "python": platform.python_version(),
         "jax": jax.__version__,
