@@ -56,6 +56,8 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 INIT_BLOCK = 1 << 15  # columns of W drawn per random block (see run_mode's init_block)
 
 
+# Not imported from benchmarks.losses: that module imports jax, and the workers must set the
+# device count before jax starts.
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -113,9 +115,16 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             "cosface": pfc.partial_fc_cosface_loss,
         }
 
-        def loss_fn(x, y, w):
+        def loss_fn(x, y, w, key):
             return sharded_loss[args.loss](
-                x, y, w, mesh=mesh, num_classes=classes, batch_sharded=args.batch_sharded
+                x,
+                y,
+                w,
+                mesh=mesh,
+                num_classes=classes,
+                batch_sharded=args.batch_sharded,
+                sample_rate=args.sample_rate,
+                key=key,
             )
 
     else:
@@ -123,7 +132,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         columns = classes
         unsharded_loss = {"arcface": arcface_loss, "cosface": cosface_loss}
 
-        def loss_fn(x, y, w):
+        def loss_fn(x, y, w, key):
+            del key  # the unsharded loss is always exact
             return unsharded_loss[args.loss](x, y, w)
 
     def init_block(index) -> np.ndarray:
@@ -142,22 +152,22 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         out[:, max(classes - start, 0) :] = 0.0
         return out * np.float32(std)
 
-    key_x, key_y = jax.random.split(jax.random.key(args.seed))
+    key_x, key_y, key_sample = jax.random.split(jax.random.key(args.seed), 3)
     num_steps = args.warmup + args.steps
     xs = jax.random.normal(key_x, (num_steps, batch, dim), jnp.float32)  # a fresh batch a step
     ys = jax.random.randint(key_y, (num_steps, batch), 0, classes, jnp.int32)
     batches = [(jax.device_put(xs[i], rows), jax.device_put(ys[i], rows)) for i in range(num_steps)]
     x, y = batches[0]
 
-    def step(w, x, y):
-        loss, (grad_x, grad_w) = jax.value_and_grad(loss_fn, argnums=(0, 2))(x, y, w)
+    def step(w, x, y, key):
+        loss, (grad_x, grad_w) = jax.value_and_grad(loss_fn, argnums=(0, 2))(x, y, w, key)
         return w - args.lr * grad_w, loss, grad_x
 
     w_spec = jax.ShapeDtypeStruct((dim, columns), jnp.float32, sharding=w_sharding)
     start = time.perf_counter()
     compiled = (
         jax.jit(step, donate_argnums=0, out_shardings=(w_sharding, None, None))
-        .lower(w_spec, x, y)
+        .lower(w_spec, x, y, key_sample)
         .compile()
     )
     compile_s = time.perf_counter() - start
@@ -188,7 +198,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     losses, times = [], []
     for i, (x, y) in enumerate(batches):
         start = time.perf_counter()
-        w, loss, grad_x = jax.block_until_ready(compiled(w, x, y))
+        key = jax.random.fold_in(key_sample, i)  # the step's class sample (--sample-rate < 1)
+        w, loss, grad_x = jax.block_until_ready(compiled(w, x, y, key))
         elapsed = time.perf_counter() - start
         losses.append(float(loss))
         if i >= args.warmup:
@@ -238,7 +249,8 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], rows: list[dict
         f"- versions: Python {platform.python_version()}, jax {importlib.metadata.version('jax')}",
         f"- {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; loss `{args.loss}` "
         f"(s = 64, insightface defaults), B = {args.batch}, D = {args.dim}, "
-        f"C = {args.classes:,}, float32, SGD lr = {args.lr}; batch "
+        f"C = {args.classes:,}, float32, SGD lr = {args.lr}; sharded sample rate "
+        f"{args.sample_rate:g}{' (exact)' if args.sample_rate == 1 else ''}; batch "
         f"{'sharded over the class axis and gathered' if args.batch_sharded else 'replicated'}; "
         f"median of {args.steps} steps after {args.warmup} warm-up step(s)",
         "- step: `value_and_grad` w.r.t. embeddings and W, then `W - lr·dW` (W donated). "
@@ -274,6 +286,13 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], rows: list[dict
             ", ".join(f"{v:.3f}" for v in r.get("losses", [])) or r.get("status", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "On a CPU host every virtual device lives in the same RAM, so the process totals of the "
+        "two modes are alike; what sharding divides is each device's part (XLA's per-device "
+        "peak), which is what bounds C on accelerators. RSS also counts what XLA's analysis "
+        "leaves out (the runtime, thread stacks, allocator slack, the batches).",
+    ]
     failed = [r for r in rows if "log" in r]
     for r in failed:
         lines += ["", f"{r['mode']} worker log:", "```", r["log"], "```"]
@@ -299,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        default=1.0,
+        help="Partial FC's r for the sharded mode: 1 is exact; r < 1 samples r·C/N classes per "
+        "device (then the two modes' losses differ)",
+    )
     p.add_argument(
         "--batch-sharded",
         action="store_true",
@@ -327,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.classes, args.dim, args.batch, args.devices, args.steps) < 1:
         parser.error("--classes, --dim, --batch, --devices and --steps must be >= 1")
+    if not 0.0 < args.sample_rate <= 1.0:
+        parser.error("--sample-rate must be in (0, 1]")
     if args.batch_sharded and args.batch % args.devices:
         parser.error("--batch must be divisible by --devices with --batch-sharded")
     if args.worker:

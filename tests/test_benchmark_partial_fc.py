@@ -38,3 +38,12 @@ def test_max_gb_skips_a_mode_before_running_it(tmp_path):
     assert bench.main([*argv, "--out", str(out)]) == 0
     (row,) = json.loads(out.with_suffix(".json").read_text())
     assert row["status"].startswith("skipped") and "losses" not in row
+
+
+def test_sampled_sharded_step_runs(tmp_path):
+    out = tmp_path / "partial_fc.md"
+    argv = "--classes 2000 --dim 8 --batch 16 --steps 2 --sample-rate 0.2 --no-unsharded".split()
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    assert row["status"] == "ok" and np.all(np.isfinite(row["losses"]))
+    assert "sample rate 0.2" in out.read_text()
