@@ -26,6 +26,10 @@ What one timed step is
   images, and the step computes the batch accuracy and a finiteness check as ours does. Each
   call is synchronous (CPU).
 
+Like the driver's ``main()``, the benchmark first asks glibc to reuse freed memory
+(:mod:`experiments.allocator`; ``--default-malloc`` keeps glibc's defaults): process-wide, so
+the PyTorch side runs under the same allocator settings.
+
 Timing follows ``benchmarks/losses.py`` (:mod:`benchmarks.timing`): both libraries get the same
 ``--threads`` cores (the process is pinned before JAX starts; ``torch.set_num_threads``), the
 sides run in alternating blocks of ``--block`` steps with a ``--pause`` after each block
@@ -55,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.timing import cpu_model, pin_threads, timed_blocks
+from experiments.allocator import reuse_freed_memory
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 IMAGE_SHAPE = (28, 28, 1)
@@ -290,7 +295,12 @@ def markdown_report(meta: dict[str, Any], table: str) -> str:
             "",
             f"- command: `{meta['command']}`",
             f"- machine: {meta['machine']}; {meta['threads']} threads for XLA and torch; "
-            f"load average before the run {meta['loadavg']}",
+            f"load average before the run {meta['loadavg']}; glibc malloc "
+            + (
+                "tuned as by the driver (`experiments/allocator.py`)"
+                if meta["malloc_tuned"]
+                else "defaults"
+            ),
             f"- versions: Python {meta['python']}, jax {meta['jax']}, flax {meta['flax']}, "
             f"torch {meta['torch']}",
             f"- {meta['date_utc']} UTC; batch {meta['batch']}, feature dim {meta['feat_dim']}, "
@@ -349,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time our step with nnx.max_pool in LeNet++ (the step before max_pool_2x2)",
     )
     p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc defaults (the driver's main() changes them so XLA reuses its "
+        "step's scratch memory: experiments/allocator.py)",
+    )
+    p.add_argument(
         "--out",
         type=pathlib.Path,
         default=RESULTS_DIR / "train_step.md",
@@ -369,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads = pin_threads(args.threads)  # before JAX creates its CPU client
     except ValueError as error:
         p.error(str(error))
+    # as the driver's main() does, before JAX starts; torch's side runs under it too
+    malloc_tuned = False if args.default_malloc else reuse_freed_memory()
     loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
     torch = None
     if not args.no_torch:
@@ -410,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "loadavg": loadavg,
         "threads": threads,
+        "malloc_tuned": malloc_tuned,
         "python": platform.python_version(),
         "jax": jax.__version__,
         "flax": flax.__version__,

@@ -34,6 +34,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from experiments import open_set as open_set_lib
+from experiments.allocator import reuse_freed_memory
 from experiments.models import EmbeddingModel, LeNetPlusPlus, SmallResNet
 from experiments.objectives import OBJECTIVES, LossConfig, Objective
 from mlx_jax import data as data_lib
@@ -875,6 +876,7 @@ def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):
 
 
 def main(dataset: str, argv: Sequence[str] | None = None) -> int:
+    reuse_freed_memory()  # before JAX starts its CPU backend (experiments/allocator.py)
     cfg = config_from_args(dataset, argv)
     try:
         run(cfg)

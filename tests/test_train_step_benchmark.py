@@ -5,6 +5,10 @@ with our weights copied in, the same embeddings). Speed itself is never asserted
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -69,3 +73,18 @@ def test_pytorch_twin_is_the_same_network():
     with torch.no_grad():
         theirs = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opt_out", ["", "1"])
+def test_reuse_freed_memory_applies_or_opts_out(opt_out):
+    """In a fresh process (the setting is process-wide): glibc accepts it on Linux, and
+    MLX_JAX_DEFAULT_MALLOC=1 leaves the defaults."""
+    code = "from experiments.allocator import reuse_freed_memory as r; print(r())"
+    env = {**os.environ, "MLX_JAX_DEFAULT_MALLOC": opt_out}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if opt_out:
+        assert out == "False"
+    elif sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert out == "True"
