@@ -115,6 +115,13 @@ def table(out: pathlib.Path, rows: Iterable[Row], extra: Sequence[str], open_set
     return "\n".join(lines)
 
 
+def write_table(out: pathlib.Path, text: str) -> None:
+    """Writes OUT/table.md and prints it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m experiments.campaign",
@@ -143,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     if not args.table_only:
         run_rows(rows, out, extra, args.stop_after_minutes)
-    text = table(out, rows, extra, open_set=args.open_set is not None)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    print(text)
+    write_table(out, table(out, rows, extra, open_set=args.open_set is not None))
     return 0
 
 

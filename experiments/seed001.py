@@ -73,10 +73,7 @@ def main(argv=None) -> int:
     if not args.table_only:
         extra = ["--epochs", str(args.epochs)]
         campaign.run_rows(rows(args.datasets, args.dims), out, extra, args.stop_after_minutes)
-    text = table(out, args.datasets, args.dims, args.epochs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    print(text)
+    campaign.write_table(out, table(out, args.datasets, args.dims, args.epochs))
     return 0
 
 
