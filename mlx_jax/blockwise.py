@@ -14,6 +14,10 @@ such a per-row function
   distances when differentiating (one extra forward matmul per block), so memory is
   O(B·block_size + B·D) instead of O(B²).
 
+A per-row function can mark small results of the forward pass with :func:`keep_for_backward`
+(e.g. batch-hard's mined indices, [R] ints): the backward pass then reuses them instead of
+recomputing the block's distances.
+
 When B is not a multiple of ``block_size`` the rows are padded with zero rows to the next
 multiple; the caller gives padding rows zero weight (the row arguments are zero-padded, so a
 weight or ``valid`` argument is 0/False there) and the padded outputs are cut off, so the
@@ -31,6 +35,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+_KEPT = "mlx_jax_blockwise_kept"
+
+
+def keep_for_backward(x: Any) -> Any:
+    """Marks ``x`` (a pytree of arrays computed inside a per-row function) to be saved by the
+    blockwise form's ``jax.checkpoint`` rather than recomputed when differentiating. Use it for
+    O(R) results whose recomputation needs the [R, B] block; a no-op in the dense form."""
+    return jax.tree_util.tree_map(lambda a: checkpoint_name(a, _KEPT), x)
 
 
 def check_block_size(block_size: int | None, name: str = "block_size") -> int | None:
@@ -74,6 +88,7 @@ def map_row_blocks(
         return a.reshape(blocks, block_size, *a.shape[1:])
 
     index = jnp.arange(padded, dtype=jnp.int32).reshape(blocks, block_size)
-    per_block = jax.checkpoint(lambda args: fn(*args))
+    policy = jax.checkpoint_policies.save_only_these_names(_KEPT)
+    per_block = jax.checkpoint(lambda args: fn(*args), policy=policy)
     out = jax.lax.map(per_block, (index, *(split(a) for a in row_args)))
     return jax.tree_util.tree_map(lambda o: o.reshape(padded, *o.shape[2:])[:batch], out)
