@@ -35,6 +35,15 @@ blocks at ~120 ms instead of ~1 ms (2 OpenMP threads waiting for scheduler ticks
 benchmark on an otherwise idle machine. Compile time (trace + lower + compile of the jitted
 step) is reported separately.
 
+Allocator
+---------
+Like the experiments driver, the benchmark first asks glibc to reuse freed memory
+(:mod:`experiments.allocator`; ``--default-malloc`` keeps glibc's defaults), process-wide, so
+both libraries run under it. Without it glibc unmaps large freed buffers and the next call
+faults them in again, and how often depends on glibc's adaptive mmap threshold, i.e. on what
+ran earlier in the process: PML's CosFace at B=1024, D=128, C=10,000 measured 187 ms in one
+run and 77 ms in another (2.4× in a one-thread check, 685 vs 285 ms, default vs fixed malloc).
+
 Threads
 -------
 ``--threads N`` (default: every CPU this process may run on) gives both libraries the same N
@@ -89,6 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import cpu_model, pin_threads, timed_blocks
+from experiments.allocator import reuse_freed_memory
 from mlx_jax import centers as centers_lib
 from mlx_jax import losses as L
 
@@ -866,6 +876,7 @@ def metadata(
         "settle": args.settle,
         "max_gb": args.max_gb,
         "seed": args.seed,
+        "malloc_tuned": getattr(args, "malloc_tuned", False),
         "losses": {
             s.name: {"ours": s.ours, "pml": s.pml, "floor": s.floor}
             for s in SPECS
@@ -885,7 +896,12 @@ def markdown_report(meta: dict[str, Any], table: str, notes: list[str]) -> str:
         f"- {meta['date_utc']} UTC; float32; {meta['per_class']} samples per class; median of "
         f"{meta['repeats']} fwd+bwd calls per side, blocks of {meta['block']} with "
         f"{meta['pause_s']} s pauses, {meta['warmup']} warm-up calls per side and "
-        f"{meta['settle']} untimed call(s) opening each block",
+        f"{meta['settle']} untimed call(s) opening each block; glibc malloc "
+        + (
+            "set to reuse freed memory (experiments/allocator.py)"
+            if meta["malloc_tuned"]
+            else "defaults"
+        ),
         "- floor: one forward matmul (`x @ x.T`, `x @ W` or `x @ centers.T`); fwd+bwd needs "
         "≥ 2 of them. ours MiB (XLA): temporaries + outputs from XLA's memory analysis; "
         "MiB (RSS): peak resident memory above the inputs during one call (worker process). "
@@ -1017,6 +1033,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc defaults (default: experiments/allocator.py's setting, so "
+        "that large freed buffers are reused instead of unmapped and faulted in again; "
+        "without it PML's class heads ran 2.4x slower or not, depending on what ran before)",
+    )
+    p.add_argument(
         "--out",
         type=pathlib.Path,
         default=RESULTS_DIR / "losses.md",
@@ -1049,6 +1072,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads = pin_threads(args.threads)
     except ValueError as error:
         parser.error(str(error))
+    # Before JAX starts its threads; process-wide, so PML runs under the same allocator.
+    args.malloc_tuned = False if args.default_malloc else reuse_freed_memory()
     t, pml_reason = load_pml() if args.pml else (None, "disabled by --no-pml")
     if t is not None:
         t.torch.set_num_threads(threads)

@@ -60,19 +60,37 @@ def table(out: pathlib.Path, datasets, dims, epochs: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--out", default="runs/seed001")
     p.add_argument(
-        "--datasets", nargs="+", default=["fashion_mnist", "mnist"], choices=campaign.DATASETS
+        "--epochs", type=int, default=20, help="epochs per row (default: 20, our goal's budget)"
     )
-    p.add_argument("--dims", nargs="+", type=int, default=[2, 128])
-    p.add_argument("--stop-after-minutes", type=float, default=None)
+    p.add_argument(
+        "--out", default="runs/seed001", help="one sub-directory per row plus table.md there"
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["fashion_mnist", "mnist"],
+        choices=campaign.DATASETS,
+        help="datasets to run (default: fashion_mnist mnist; cifar10 needs a network)",
+    )
+    p.add_argument(
+        "--dims", nargs="+", type=int, default=[2, 128], help="feature dims (default: 2 128)"
+    )
+    p.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        default=None,
+        help="start no new row after this many minutes (a running row finishes)",
+    )
+    campaign.add_jobs_flag(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
     out = pathlib.Path(args.out)
     if not args.table_only:
         extra = ["--epochs", str(args.epochs)]
-        campaign.run_rows(rows(args.datasets, args.dims), out, extra, args.stop_after_minutes)
+        campaign.run_rows(
+            rows(args.datasets, args.dims), out, extra, args.stop_after_minutes, args.jobs
+        )
     campaign.write_table(out, table(out, args.datasets, args.dims, args.epochs))
     return 0
 

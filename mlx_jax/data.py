@@ -42,6 +42,7 @@ Pickles (MNIST, CIFAR-10) are read by an unpickler that only accepts NumPy array
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -57,6 +58,11 @@ import tarfile
 import urllib.parse
 import zipfile
 import zlib
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -877,6 +883,42 @@ def _unavailable_message(spec: _Spec, root: Path, notes: list[str]) -> str:
 # Public API
 
 
+def _open_builder(builder_cls: type, root: Path, what: str) -> tuple[Any, bool]:
+    """(builder, whether its dataset is prepared) for ``root``."""
+    try:
+        builder = builder_cls(data_dir=root, file_format="array_record")
+        # TFDS renames a finished dataset into place, so its info file means "prepared".
+        # (builder.is_prepared() logs a warning when the folder does not exist yet.)
+        return builder, (Path(builder.data_dir) / "dataset_info.json").is_file()
+    except Exception as e:
+        raise DatasetUnavailableError(
+            f"TFDS could not open {what} in {root} ({type(e).__name__}: {e})"
+        ) from e
+
+
+@contextlib.contextmanager
+def _preparation_lock(root: Path, name: str) -> Iterator[None]:
+    """Exclusive lock (``fcntl.flock`` on ``root/.NAME.lock``) while preparing a dataset, so
+    that processes sharing a data dir do not prepare it at once (TFDS's final rename fails for
+    the second). Without fcntl (Windows) or a writable ``root``, no lock."""
+    lock = None
+    if fcntl is not None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            lock = open(root / f".{name}.lock", "a")  # noqa: SIM115 (closed below)
+        except OSError:  # read-only data dir: nothing will be prepared there anyway
+            lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def load_dataset(
     name: str, *, data_dir: str | os.PathLike | None = None, limit: int | None = None
 ) -> Dataset:
@@ -905,50 +947,49 @@ def load_dataset(
         raise ValueError(f"data_dir must be a directory, got the file {root}")
     builder_cls = _BUILDERS[name]
     what = f"TFDS dataset {builder_cls.name}"
-    try:
-        builder = builder_cls(data_dir=root, file_format="array_record")
-        # TFDS renames a finished dataset into place, so its info file means "prepared".
-        # (builder.is_prepared() logs a warning when the folder does not exist yet.)
-        prepared = (Path(builder.data_dir) / "dataset_info.json").is_file()
-    except Exception as e:
-        raise DatasetUnavailableError(
-            f"TFDS could not open {what} in {root} ({type(e).__name__}: {e})"
-        ) from e
-
+    builder, prepared = _open_builder(builder_cls, root, what)
     if not prepared:
-        official = _official_prepared(spec, root)
-        if official is not None:
-            try:
-                official_builder = tfds.builder(f"{spec.name}:{official.name}", data_dir=root)
-            except Exception as e:
-                raise DatasetUnavailableError(
-                    f"TFDS could not open its prepared {spec.name} at {official} "
-                    f"({type(e).__name__}: {e})"
-                ) from e
-            arrays = _read_builder(official_builder, limit, f"TFDS dataset {spec.name}")
-            return _to_dataset(spec, arrays, f"TFDS's own {spec.name} prepared at {official}")
+        # One process prepares, others wait and then read (e.g. `campaign --jobs 2`).
+        with _preparation_lock(root, builder_cls.name):
+            builder, prepared = _open_builder(builder_cls, root, what)
+            if not prepared:
+                official = _official_prepared(spec, root)
+                if official is not None:
+                    try:
+                        official_builder = tfds.builder(
+                            f"{spec.name}:{official.name}", data_dir=root
+                        )
+                    except Exception as e:
+                        raise DatasetUnavailableError(
+                            f"TFDS could not open its prepared {spec.name} at {official} "
+                            f"({type(e).__name__}: {e})"
+                        ) from e
+                    arrays = _read_builder(official_builder, limit, f"TFDS dataset {spec.name}")
+                    return _to_dataset(
+                        spec, arrays, f"TFDS's own {spec.name} prepared at {official}"
+                    )
 
-        notes: list[str] = []
-        source = _find_source(spec, root, notes)
-        if source is None:
-            raise DatasetUnavailableError(_unavailable_message(spec, root, notes))
-        raw = source.load()  # ValueError naming the file if it is corrupt
-        logger.info("mlx_jax: preparing %s from %s", builder_cls.name, source.description)
-        try:
-            builder = builder_cls(
-                data_dir=root,
-                file_format="array_record",
-                arrays=raw,
-                source_description=source.description,
-            )
-            builder.download_and_prepare()
-            builder._arrays = None  # let the raw copy go
-        except Exception as e:
-            raise DatasetUnavailableError(
-                f"TFDS could not prepare {what} in {root} from {source.description} "
-                f"({type(e).__name__}: {e})"
-            ) from e
-        del raw
+                notes: list[str] = []
+                source = _find_source(spec, root, notes)
+                if source is None:
+                    raise DatasetUnavailableError(_unavailable_message(spec, root, notes))
+                raw = source.load()  # ValueError naming the file if it is corrupt
+                logger.info("mlx_jax: preparing %s from %s", builder_cls.name, source.description)
+                try:
+                    builder = builder_cls(
+                        data_dir=root,
+                        file_format="array_record",
+                        arrays=raw,
+                        source_description=source.description,
+                    )
+                    builder.download_and_prepare()
+                    builder._arrays = None  # let the raw copy go
+                except Exception as e:
+                    raise DatasetUnavailableError(
+                        f"TFDS could not prepare {what} in {root} from {source.description} "
+                        f"({type(e).__name__}: {e})"
+                    ) from e
+                del raw
 
     arrays = _read_builder(builder, limit, what)
     original = (builder.info.metadata or {}).get("source", "an unrecorded source")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from experiments import campaign, seed001
 from tests.test_experiments import TINY, data_dir  # noqa: F401  (fixture)
@@ -36,3 +39,30 @@ def test_seed001_table_lists_every_row_with_the_seed_number(tmp_path):
     assert len(lines) == 12
     assert "| standalone | fashion_mnist | 2 | 0.921 | not measured yet |" in text
     assert "| cent | cifar10 | 128 | 0.858 | needs network |" in text
+
+
+def test_parallel_jobs_run_rows_in_pinned_processes_and_report_failures(
+    data_dir,  # noqa: F811
+    tmp_path,
+):
+    out = tmp_path / "campaign"
+    extra = ["--epochs", "1", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    rows = [("fashion_mnist", 2, "xent"), ("fashion_mnist", 2, "standalone")]
+    campaign.run_rows(rows, out, extra, jobs=2)
+    for row in rows:
+        final, _ = campaign.finished(out, row)
+        assert final["epoch"] == 1
+        assert (campaign.run_dir(out, row) / "log.txt").exists()
+
+    bad = [("fashion_mnist", 2, "cent")]
+    with pytest.raises(RuntimeError, match=r"fashion_mnist 2 cent \(exit [1-9]"):
+        campaign.run_rows(bad, out, [*extra, "--lr", "-1"], jobs=2)
+    assert "lr" in (campaign.run_dir(out, bad[0]) / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("jobs", [0, 1.5, True, "more than the CPUs"])
+def test_bad_jobs_names_the_argument(tmp_path, jobs):
+    if jobs == "more than the CPUs":
+        jobs = len(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ValueError, match="jobs must be"):
+        campaign.run_rows([("mnist", 2, "xent")], tmp_path, [], jobs=jobs)

@@ -60,7 +60,10 @@ def triplet_loss(
       (``"farthest"`` negative, as TF's reference implementation, or ``"drop"``).
       ``reduction="none"`` → [B, B] (anchor, positive).
     * ``"batch_hard"`` (Hermans et al. 2017): per anchor, farthest positive and closest
-      negative. ``"none"`` → [B].
+      negative. ``"none"`` → [B]. The two are picked on the distance matrix (a tie goes to the
+      smallest batch index, as ``torch.max`` in PML) and their distances are recomputed from
+      the embeddings by direct subtraction, so gradients flow through those 2·B pairs only —
+      the usual subgradient of the max/min, O(B·D) in the backward pass.
     * ``"all"``: every valid triplet. ``"none"`` → [B, B], summed over negatives.
     * ``"semihard_band"`` (PML ``TripletMarginMiner(type_of_triplets="semihard")``): every
       triplet with 0 < d(a, n) − d(a, p) ≤ α. ``"none"`` → [B, B], summed over negatives.
