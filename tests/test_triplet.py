@@ -168,3 +168,26 @@ def test_bad_input():
         jax.jit(triplet_loss).lower(x, y.astype(np.float32))
     with pytest.raises(ValueError, match=r"embeddings must have shape \[batch, dim\]"):
         jax.jit(triplet_loss).lower(x[None], y)
+
+
+@pytest.mark.parametrize("block_size", [None, 3])
+@pytest.mark.parametrize("mining", MININGS)
+def test_nan_embedding_gives_nan_loss_not_a_dropped_anchor(mining, block_size):
+    # Mining picks indices; a NaN distance must still reach the loss (the driver's divergence
+    # check relies on it), whichever anchor row holds it.
+    x, y = random_batch(0)
+    x = np.array(x)
+    x[2, 0] = np.nan
+    value = triplet_loss(x, y, mining=mining, block_size=block_size)
+    assert np.isnan(float(value))
+
+
+@pytest.mark.parametrize("block_size", [None, 5])
+def test_batch_hard_nan_sample_poisons_every_anchor_that_sees_it(block_size):
+    # Every anchor has sample 2 among its positives or negatives, so every anchor's mined
+    # distance is NaN: no anchor may come out finite (or be dropped with weight 0).
+    x, y = random_batch(0)
+    x = np.array(x)
+    x[2, 0] = np.nan
+    per_anchor = triplet_loss(x, y, mining="batch_hard", reduction="none", block_size=block_size)
+    assert np.all(np.isnan(np.asarray(per_anchor)))

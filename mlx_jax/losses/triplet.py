@@ -126,17 +126,22 @@ def triplet_loss(
             # monotonic); a tie goes to the smallest index (as torch.max in PML).
             d2 = jax.lax.stop_gradient(squared_euclidean_rows(x, rows.index, rows.embeddings))
             positive, negative = rows.pair_masks(batch)
-            farthest = _first_extreme_index(jnp.where(positive, d2, -jnp.inf), jnp.max)
-            closest = _first_extreme_index(jnp.where(negative, d2, jnp.inf), jnp.min)
+            farthest, farthest_d2 = _first_extreme_index(jnp.where(positive, d2, -jnp.inf), jnp.max)
+            closest, closest_d2 = _first_extreme_index(jnp.where(negative, d2, jnp.inf), jnp.min)
             # A row with no positive (negative) picks index 0: check it is a real pair.
             has_both = _picked(positive, farthest) & _picked(negative, closest)
+            # A NaN distance (NaN embeddings) must show in the loss, not drop the anchor.
+            poisoned = jnp.isnan(farthest_d2) | jnp.isnan(closest_d2)
             # Blockwise, the backward pass reuses these instead of recomputing the block.
-            farthest, closest, has_both = blockwise.keep_for_backward((farthest, closest, has_both))
+            farthest, closest, has_both, poisoned = blockwise.keep_for_backward(
+                (farthest, closest, has_both, poisoned)
+            )
             d_ap = _squared_distance_to(rows.embeddings, x, farthest, has_both)
             d_an = _squared_distance_to(rows.embeddings, x, closest, has_both)
             if not squared:
                 d_ap, d_an = safe_sqrt(d_ap), safe_sqrt(d_an)
-            return _hinge(d_ap - d_an + margin, soft), jnp.where(has_both, rows.weights, 0.0)
+            loss = jnp.where(poisoned, jnp.nan, _hinge(d_ap - d_an + margin, soft))
+            return loss, jnp.where(has_both | poisoned, rows.weights, 0.0)
 
         losses, weight = map_anchor_rows(hardest, batch, block_size)
         return reductions.reduce_weighted(losses, weight, reduction)
@@ -173,14 +178,15 @@ def triplet_loss(
     return reductions.reduce_terms(*result[:2], reduction, result[2])
 
 
-def _first_extreme_index(values: jax.Array, extreme) -> jax.Array:
+def _first_extreme_index(values: jax.Array, extreme) -> tuple[jax.Array, jax.Array]:
     """Per row of ``values`` [R, B], the smallest column index holding ``extreme`` (jnp.max or
-    jnp.min) of the row; [R] int32. Two float reductions (column ids as float32, exact for
-    B < 2²⁴): XLA:CPU runs jnp.argmax as a scalar loop, 4-7× slower at B = 1024."""
+    jnp.min) of the row and that value; [R] int32 and [R]. Two float reductions (column ids as
+    float32, exact for B < 2²⁴): XLA:CPU runs jnp.argmax as a scalar loop, 4-7× slower at
+    B = 1024. A row holding NaN has value NaN and index 0."""
     best = extreme(values, axis=1, keepdims=True)
     columns = jnp.arange(values.shape[1], dtype=jnp.float32)
     first = jnp.min(jnp.where(values == best, columns, jnp.inf), axis=1)
-    return first.astype(jnp.int32)
+    return jnp.where(first < values.shape[1], first, 0).astype(jnp.int32), best[:, 0]
 
 
 def _picked(mask: jax.Array, index: jax.Array) -> jax.Array:
