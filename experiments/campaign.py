@@ -177,7 +177,24 @@ def write_table(out: pathlib.Path, text: str) -> None:
     print(text)
 
 
-def add_jobs_flag(parser: argparse.ArgumentParser) -> None:
+def add_grid_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags campaign and seed001 share: which datasets and dims, time box, parallel rows."""
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["fashion_mnist", "mnist"],
+        choices=list(DATASETS),
+        help="datasets to run (default: fashion_mnist mnist; cifar10 needs a network)",
+    )
+    parser.add_argument(
+        "--dims", nargs="+", type=int, default=[2, 128], help="feature dims (default: 2 128)"
+    )
+    parser.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        default=None,
+        help="start no new row after this many minutes (a running row finishes)",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -202,26 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="LOSS",
         help=f"losses to run (default: all: {', '.join(OBJECTIVES)})",
     )
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=["fashion_mnist", "mnist"],
-        choices=list(DATASETS),
-        help="datasets to run (default: fashion_mnist mnist; cifar10 needs a network)",
-    )
-    p.add_argument(
-        "--dims", nargs="+", type=int, default=[2, 128], help="feature dims (default: 2 128)"
-    )
     p.add_argument("--epochs", type=int, required=True, help="epochs per row")
     p.add_argument("--limit", type=int, default=None, help="first N examples per split")
     p.add_argument("--open-set", type=int, default=None, metavar="K", help="hold out K classes")
-    p.add_argument(
-        "--stop-after-minutes",
-        type=float,
-        default=None,
-        help="start no new row after this many minutes (a running row finishes)",
-    )
-    add_jobs_flag(p)
+    add_grid_flags(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
     for flag, value in (("--epochs", args.epochs), ("--limit", args.limit), ("--jobs", args.jobs)):

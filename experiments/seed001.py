@@ -66,23 +66,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out", default="runs/seed001", help="one sub-directory per row plus table.md there"
     )
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=["fashion_mnist", "mnist"],
-        choices=campaign.DATASETS,
-        help="datasets to run (default: fashion_mnist mnist; cifar10 needs a network)",
-    )
-    p.add_argument(
-        "--dims", nargs="+", type=int, default=[2, 128], help="feature dims (default: 2 128)"
-    )
-    p.add_argument(
-        "--stop-after-minutes",
-        type=float,
-        default=None,
-        help="start no new row after this many minutes (a running row finishes)",
-    )
-    campaign.add_jobs_flag(p)
+    campaign.add_grid_flags(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
     out = pathlib.Path(args.out)
