@@ -58,6 +58,12 @@ def check_block_size(block_size: int | None, name: str = "block_size") -> int | 
     return int(block_size)
 
 
+def runs_dense(block_size: int | None, batch: int) -> bool:
+    """Whether :func:`map_row_blocks` makes one call on all ``batch`` rows (in batch order)."""
+    block_size = check_block_size(block_size)
+    return block_size is None or block_size >= batch
+
+
 def map_row_blocks(
     fn: Callable[..., Any],
     row_args: tuple[jax.Array, ...],
@@ -76,9 +82,8 @@ def map_row_blocks(
     Returns:
       ``fn``'s pytree with leading dimension B, equal to the dense call up to float rounding.
     """
-    block_size = check_block_size(block_size)
     batch = row_args[0].shape[0]
-    if block_size is None or block_size >= batch:
+    if runs_dense(block_size, batch):
         return fn(jnp.arange(batch, dtype=jnp.int32), *row_args)
     blocks = -(-batch // block_size)
     padded = blocks * block_size

@@ -4,7 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlx_jax.distances import pairwise_distances
+from mlx_jax.distances import (
+    all_pairs_squared_euclidean,
+    pairwise_distances,
+    safe_sqrt,
+    squared_euclidean,
+)
 from tests.helpers import assert_finite_value_and_grad, check_grads_x64
 
 
@@ -120,3 +125,63 @@ def test_matmul_and_difference_agree_on_well_separated_points():
     a = pairwise_distances(x, x[:5], metric="euclidean", method="matmul")
     b = pairwise_distances(x, x[:5], metric="euclidean", method="difference")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# all_pairs_squared_euclidean: the losses' dense distance matrix with a hand-written VJP.
+
+
+def _weighted_sum(matrix_fn, weights):
+    return lambda a: jnp.sum(jnp.sin(matrix_fn(a)) * weights)
+
+
+@pytest.mark.parametrize("method", ["matmul", "difference"])
+def test_all_pairs_squared_matches_reference_and_autodiff(method):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(24, 6)).astype(np.float32)
+    # A non-symmetric cotangent: (i, j) and (j, i) must both reach x_i and x_j.
+    weights = jnp.asarray(rng.uniform(size=(24, 24)), jnp.float32)
+    got = all_pairs_squared_euclidean(x, method=method)
+    np.testing.assert_allclose(got, reference(x, x, "squared_euclidean"), rtol=1e-5, atol=1e-5)
+    assert np.all(np.diag(np.asarray(got)) == 0.0)
+    ours = jax.grad(_weighted_sum(lambda a: all_pairs_squared_euclidean(a, method=method), weights))
+    autodiff = jax.grad(_weighted_sum(lambda a: squared_euclidean(a, method=method), weights))
+    np.testing.assert_allclose(ours(x), autodiff(x), rtol=1e-4, atol=1e-5)
+
+
+def test_all_pairs_squared_gradient_is_finite_difference_exact():
+    x = np.random.default_rng(8).normal(size=(6, 3))
+    weights = np.random.default_rng(9).uniform(size=(6, 6))
+    fn = _weighted_sum(lambda a: all_pairs_squared_euclidean(a, method="matmul"), weights)
+    check_grads_x64(fn, x)
+    check_grads_x64(fn, x, order=2)
+
+
+def test_all_pairs_squared_duplicates_and_zero_rows_have_zero_pair_gradients():
+    x = np.zeros((5, 3), np.float32)
+    x[2] = x[3] = 1.0  # a duplicate pair: distance 0, clamped — its gradient is 0, not NaN
+    value, grad = jax.value_and_grad(
+        lambda a: jnp.sum(safe_sqrt(all_pairs_squared_euclidean(a, method="matmul")))
+    )(x)
+    assert np.isfinite(value) and np.isfinite(np.asarray(grad)).all()
+    # Only the duplicates' distance is 0: the gradient equals the one without that pair.
+    autodiff = jax.grad(lambda a: jnp.sum(safe_sqrt(squared_euclidean(a, method="matmul"))))(x)
+    np.testing.assert_allclose(grad, autodiff, rtol=1e-5, atol=1e-6)
+
+
+def test_all_pairs_squared_is_reverse_mode_only():
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda a: all_pairs_squared_euclidean(a, method="matmul"), (x,), (x,))
+
+
+class TestAllPairsVariants(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jit_and_eager_agree(self):
+        x = np.random.default_rng(10).normal(size=(16, 4)).astype(np.float32)
+        value_and_grad = self.variant(
+            jax.value_and_grad(lambda a: jnp.sum(all_pairs_squared_euclidean(a, method="matmul")))
+        )
+        value, grad = value_and_grad(x)
+        np.testing.assert_allclose(value, reference(x, x, "squared_euclidean").sum(), rtol=1e-5)
+        # Σ_ij ‖x_i − x_j‖² has gradient 4·Σ_j (x_i − x_j) = 4·B·(x_i − mean).
+        np.testing.assert_allclose(grad, 4 * 16 * (x - x.mean(0)), rtol=1e-4, atol=1e-4)

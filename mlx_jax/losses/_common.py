@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks, blockwise, mining, reductions
+from mlx_jax import _checks, blockwise, distances, mining, reductions
 
 
 class Batch(NamedTuple):
@@ -37,6 +37,7 @@ def prepare_batch(embeddings, labels, weights=None, *, num_classes: int | None =
 class Rows(NamedTuple):
     """A block of anchor rows of a :class:`Batch`: batch ``index`` [R] int32 (>= B for padding
     rows), ``embeddings`` [R, D], ``labels`` [R], ``weights`` [R] (0 for padding), ``valid`` [R].
+    ``every_row`` (static) says the block is the whole batch in order (the dense form).
     """
 
     index: jax.Array
@@ -44,10 +45,19 @@ class Rows(NamedTuple):
     labels: jax.Array
     weights: jax.Array
     valid: jax.Array
+    every_row: bool = False
 
     def pair_masks(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Positive and negative masks [R, B] of these anchors against the whole batch."""
         return mining.row_pair_masks(self.index, self.labels, self.valid, batch.labels, batch.valid)
+
+    def squared_distances(self, batch: Batch) -> jax.Array:
+        """‖x_r − x_j‖² [R, B] of these anchors to every sample. The whole batch takes the
+        symmetric form (:func:`distances.all_pairs_squared_euclidean`: one matmul in the
+        backward pass instead of two)."""
+        if self.every_row:
+            return distances.all_pairs_squared_euclidean(batch.embeddings)
+        return distances.squared_euclidean_rows(batch.embeddings, self.index, self.embeddings)
 
 
 def map_anchor_rows(
@@ -57,8 +67,10 @@ def map_anchor_rows(
     or in blocks of ``block_size`` rows with O(B·block_size) memory (:mod:`mlx_jax.blockwise`).
     ``fn`` returns a pytree of [R, ...] arrays; the result has leading dimension B."""
 
+    every_row = blockwise.runs_dense(block_size, batch.embeddings.shape[0])
+
     def call(index, x, labels, weights, *extra):
-        return fn(Rows(index, x, labels, weights, weights > 0), *extra)
+        return fn(Rows(index, x, labels, weights, weights > 0, every_row), *extra)
 
     args = (batch.embeddings, batch.labels, batch.weights, *row_args)
     return blockwise.map_row_blocks(call, args, block_size=block_size)
@@ -144,6 +156,7 @@ def reduce_pair_terms(
         batch.labels,
         batch.weights,
         batch.valid,
+        every_row=True,
     )
     result = pair_rows(rows, batch, positive_terms, negative_terms, reduction)
     return reduce_pair_rows(result, reduction, balance)

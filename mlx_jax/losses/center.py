@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax import _checks, reductions
-from mlx_jax.distances import squared_euclidean, squared_euclidean_rows
+from mlx_jax.distances import squared_euclidean
 from mlx_jax.losses._common import Batch, Rows, map_anchor_rows, prepare_batch
 
 # Added inside log(‖x_i − x_j‖² + eps): keeps duplicate embeddings of different classes finite.
@@ -116,7 +116,7 @@ def standalone_center_loss(
 
     def per_rows(rows: Rows):
         _, different = rows.pair_masks(batch)
-        squared = squared_euclidean_rows(batch.embeddings, rows.index, rows.embeddings)
+        squared = rows.squared_distances(batch)
         return -jnp.sum(jnp.where(different, jnp.log(squared + eps), 0.0), axis=1)
 
     inter = map_anchor_rows(per_rows, batch, block_size)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax import _checks, reductions
-from mlx_jax.distances import safe_sqrt, squared_euclidean_rows
+from mlx_jax.distances import safe_sqrt
 from mlx_jax.losses._common import Rows, map_anchor_rows, pair_rows, prepare_batch, reduce_pair_rows
 
 
@@ -71,7 +71,7 @@ def contrastive_loss(
     neg_margin = margin if neg_margin is None else neg_margin
 
     def per_rows(rows: Rows):
-        squared_distance = squared_euclidean_rows(batch.embeddings, rows.index, rows.embeddings)
+        squared_distance = rows.squared_distances(batch)
         distance = safe_sqrt(squared_distance)
         if squared:
             positive_terms = 0.5 * squared_distance

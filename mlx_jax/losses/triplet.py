@@ -151,7 +151,7 @@ def triplet_loss(
     index = None if slots is None else mining_lib.class_index(batch.labels)
 
     def per_rows(rows: Rows):
-        d2 = squared_euclidean_rows(x, rows.index, rows.embeddings)
+        d2 = rows.squared_distances(batch)
         distances = d2 if squared else safe_sqrt(d2)
         positive, negative = rows.pair_masks(batch)
 
