@@ -60,6 +60,7 @@ import numpy as np
 
 from benchmarks.timing import cpu_model, pin_threads, timed_blocks
 from experiments.allocator import reuse_freed_memory
+from experiments.cpu_devices import use_one_device_per_core
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 IMAGE_SHAPE = (28, 28, 1)
@@ -92,10 +93,18 @@ def _data(batch: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def ours_side(
-    name: str, loss: str, batch: int, feat_dim: int, seed: int, *, nnx_pool: bool = False
+    name: str,
+    loss: str,
+    batch: int,
+    feat_dim: int,
+    seed: int,
+    *,
+    nnx_pool: bool = False,
+    devices: int = 1,
 ) -> Side:
-    """The driver's train step for ``loss``, compiled; ``nnx_pool`` traces it with
-    ``nnx.max_pool`` in LeNet++ instead of ``max_pool_2x2``."""
+    """The driver's train step for ``loss``, compiled, data-parallel over ``devices`` CPU
+    devices; ``nnx_pool`` traces it with ``nnx.max_pool`` in LeNet++ instead of
+    ``max_pool_2x2``."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -103,15 +112,17 @@ def ours_side(
     from experiments import driver, models
 
     cfg = driver.Config(
-        dataset="mnist", loss=loss, feat_dim=feat_dim, batch_size=batch, seed=seed, devices=1
+        dataset="mnist", loss=loss, feat_dim=feat_dim, batch_size=batch, seed=seed, devices=devices
     )
     model = driver.build_model(cfg, IMAGE_SHAPE, NUM_CLASSES)
     optimizer = nnx.Optimizer(model, driver.build_optimizer(cfg, STEPS_IN_DATA), wrt=nnx.Param)
     model.train()
     graphdef, graph = nnx.split((model, optimizer))
     params = sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    state = driver.initial_state(graph, cfg.objective)
-    images, labels, order = (jnp.asarray(a) for a in _data(batch, seed))
+    state = driver.place_on_devices(cfg, driver.initial_state(graph, cfg.objective))
+    images, labels, order = driver.place_on_devices(
+        cfg, tuple(jnp.asarray(a) for a in _data(batch, seed))
+    )
     step = driver.make_train_step(cfg, graphdef)
     pool = models.max_pool_2x2
     if nnx_pool:
@@ -352,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     p.add_argument("--settle", type=int, default=1, help="untimed steps opening each block")
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    p.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=None,
+        help="time our step data-parallel over each of these CPU device counts (default: 1 and "
+        "one device per --threads core, as the driver runs; experiments/cpu_devices.py)",
+    )
     p.add_argument("--no-torch", action="store_true", help="time only our step")
     p.add_argument(
         "--nnx-pool",
@@ -379,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.batch, args.feat_dim, args.repeats, args.block) < 1:
         p.error("--batch, --feat-dim, --repeats and --block must be >= 1")
+    if args.devices is not None and min(args.devices) < 1:
+        p.error("--devices must be >= 1")
+    if args.devices is not None and any(args.batch % n for n in args.devices):
+        p.error(f"--batch ({args.batch}) must be divisible by every --devices count")
     if min(args.warmup, args.settle, args.pause) < 0:
         p.error("--warmup, --settle and --pause must be >= 0")
     try:
@@ -387,6 +410,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(error))
     # as the driver's main() does, before JAX starts; torch's side runs under it too
     malloc_tuned = False if args.default_malloc else reuse_freed_memory()
+    # default: one device, and one per core as the driver runs (where that divides the batch)
+    default_counts = [n for n in (1, threads) if args.batch % n == 0]
+    device_counts = sorted(set(args.devices or default_counts))
+    use_one_device_per_core(threads if args.devices is None else max(device_counts))
+    import jax
+
+    if args.devices is None:  # JAX may have started earlier in the process with fewer
+        device_counts = [n for n in device_counts if n <= jax.local_device_count()]
+    elif max(device_counts) > jax.local_device_count():
+        p.error(f"--devices: JAX has only {jax.local_device_count()} CPU devices")
     loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
     torch = None
     if not args.no_torch:
@@ -401,7 +434,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[Result] = []
     for loss in args.losses:
-        sides = [ours_side("ours", loss, args.batch, args.feat_dim, args.seed)]
+        sides = [
+            ours_side(
+                "ours" if n == 1 else f"ours, {n} devices",
+                loss,
+                args.batch,
+                args.feat_dim,
+                args.seed,
+                devices=n,
+            )
+            for n in device_counts
+        ]
         if args.nnx_pool:
             sides.append(
                 ours_side(
@@ -433,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "torch": None if torch is None else torch.__version__,
+        "devices": device_counts,
         "batch": args.batch,
         "feat_dim": args.feat_dim,
         "repeats": args.repeats,

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 
+from experiments.cpu_devices import use_one_device_per_core
 from experiments.driver import config_from_args, run
 from experiments.objectives import OBJECTIVES
 
@@ -78,6 +79,7 @@ def run_rows(
         return argv + (["--resume"] if (directory / "checkpoints").exists() else [])
 
     if jobs == 1:
+        use_one_device_per_core()  # as each row's own process would (no-op once JAX runs)
         for row in pending:
             if not may_start():
                 return

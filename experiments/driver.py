@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from experiments import open_set as open_set_lib
 from experiments.allocator import reuse_freed_memory
+from experiments.cpu_devices import use_one_device_per_core
 from experiments.models import EmbeddingModel, LeNetPlusPlus, SmallResNet
 from experiments.objectives import OBJECTIVES, LossConfig, Objective
 from mlx_jax import data as data_lib
@@ -73,7 +74,7 @@ class Config:
     stop_after: int | None = None  # stop (as if killed) after this epoch; --resume continues
     progress_every: int = 20
     quiet: bool = False
-    devices: int | None = None  # data-parallel devices (None: all local devices)
+    devices: int | None = None  # data-parallel devices (None: default_devices)
 
     @property
     def objective(self) -> Objective:
@@ -199,7 +200,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "--devices",
         type=int,
         default=None,
-        help="train data-parallel on the first N local devices (default: all): each embeds "
+        help="train data-parallel on the first N local devices (default: all of them, or the "
+        "most that divide both the batch and the device count; on a CPU one device per core, "
+        "experiments/cpu_devices.py): each embeds "
         "batch_size/N images, the loss sees the whole batch (exact global negatives); "
         "--batch-size must be divisible by N",
     )
@@ -297,11 +300,18 @@ def _check_devices(devices: int, batch_size: int, flag: str) -> None:
         )
 
 
+def default_devices(batch_size: int, available: int) -> int:
+    """The most devices that split both ``batch_size`` and the ``available`` local devices
+    evenly (all of them when they divide the batch). Meshes over an odd subset of the devices
+    are avoided: 7 of 8 virtual CPU devices deadlocked XLA's all-gather rendezvous here."""
+    return max(n for n in range(1, available + 1) if batch_size % n == 0 and available % n == 0)
+
+
 def _num_devices(cfg: Config) -> int:
-    """Data-parallel device count: ``--devices``, or all local devices (checked)."""
+    """Data-parallel device count: ``--devices`` (checked), or the most local devices that
+    divide the batch."""
     if cfg.devices is None:
-        _check_devices(jax.local_device_count(), cfg.batch_size, "--devices (default: all)")
-        return jax.local_device_count()
+        return default_devices(cfg.batch_size, jax.local_device_count())
     _check_devices(cfg.devices, cfg.batch_size, "--devices")
     return cfg.devices
 
@@ -311,7 +321,7 @@ def _batch_axis(cfg: Config) -> str | None:
     return parallel.DATA_AXIS if _num_devices(cfg) > 1 else None
 
 
-def _on_devices(cfg: Config, tree):
+def place_on_devices(cfg: Config, tree):
     """Host arrays to the device, replicated over the data-parallel mesh when there is one."""
     devices = _num_devices(cfg)
     if devices == 1:
@@ -628,7 +638,11 @@ def run(cfg: Config) -> dict:
     eval_graphdef, _ = nnx.split((model, optimizer))
     model.train()
     graphdef, graph = nnx.split((model, optimizer))
-    state = _on_devices(cfg, initial_state(graph, cfg.objective))
+    state = place_on_devices(cfg, initial_state(graph, cfg.objective))
+    devices = _num_devices(cfg)
+    log(
+        f"devices: {devices} × {jax.devices()[0].platform}, {cfg.batch_size // devices} images each"
+    )
 
     config_path = out / "config.json"
     metrics_path = out / "metrics.jsonl"
@@ -656,15 +670,15 @@ def run(cfg: Config) -> dict:
 
     train_step = make_train_step(cfg, graphdef)
     embed = make_embed(eval_graphdef)
-    images = _on_devices(cfg, dataset.train_images)
-    labels = _on_devices(cfg, dataset.train_labels)
+    images = place_on_devices(cfg, dataset.train_images)
+    labels = place_on_devices(cfg, dataset.train_labels)
     eval_n = min(cfg.eval_train_limit, len(dataset.train_labels))
     frames: list[pathlib.Path] = sorted((out / "plots").glob("epoch_*.png"))
     frames = [f for f in frames if int(f.stem.split("_")[1]) <= start_epoch]
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.time()
-        order = _on_devices(cfg, _epoch_order(cfg, dataset.train_labels, epoch, steps))
+        order = place_on_devices(cfg, _epoch_order(cfg, dataset.train_labels, epoch, steps))
         totals = jnp.zeros(3)
         bar = tqdm(
             range(steps),
@@ -755,6 +769,7 @@ def run(cfg: Config) -> dict:
         "final": history[-1] if history else {},
         "best": best,
         "data_source": dataset.source,
+        "devices": _num_devices(cfg),  # of this (last) segment; the math is the same on any
         "checkpoints": str((out / "checkpoints").resolve()),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -877,6 +892,7 @@ def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):
 
 def main(dataset: str, argv: Sequence[str] | None = None) -> int:
     reuse_freed_memory()  # before JAX starts its CPU backend (experiments/allocator.py)
+    use_one_device_per_core()  # likewise: the step fills every core (experiments/cpu_devices.py)
     cfg = config_from_args(dataset, argv)
     try:
         run(cfg)

@@ -83,6 +83,20 @@ def test_bad_device_counts_are_refused(argv, message):
         driver.config_from_args("fashion_mnist", argv)
 
 
-def test_default_uses_every_local_device_and_checks_the_batch(data_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(("batch_size", "devices"), [(32, 8), (20, 4), (6, 2), (7, 1)])
+def test_default_takes_the_most_devices_that_split_the_batch(
+    batch_size,
+    devices,
+    data_dir,  # noqa: F811
+    tmp_path,
+):
+    argv = ["--loss", "xent", "--epochs", "1", "--batch-size", str(batch_size)]
+    summary = train(data_dir, tmp_path / "run", *argv)
+    assert summary["devices"] == devices
+    assert driver.default_devices(batch_size, 8) == devices
+
+
+def test_an_explicit_device_count_must_split_the_batch(data_dir, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit, match=r"must be divisible by the number of devices \(8"):
-        train(data_dir, tmp_path / "run", "--loss", "xent", "--epochs", "1", "--batch-size", "20")
+        argv = ["--loss", "xent", "--epochs", "1", "--batch-size", "20", "--devices", "8"]
+        train(data_dir, tmp_path / "run", *argv)
