@@ -308,8 +308,7 @@ def default_devices(batch_size: int, available: int) -> int:
 
 
 def _num_devices(cfg: Config) -> int:
-    """Data-parallel device count: ``--devices`` (checked), or the most local devices that
-    divide the batch."""
+    """Data-parallel device count: ``--devices`` (checked), else :func:`default_devices`."""
     if cfg.devices is None:
         return default_devices(cfg.batch_size, jax.local_device_count())
     _check_devices(cfg.devices, cfg.batch_size, "--devices")

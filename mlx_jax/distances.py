@@ -136,12 +136,9 @@ def _all_pairs_squared_matmul(x: jax.Array, precision) -> jax.Array:
 
 
 def _all_pairs_squared_forward(x: jax.Array, precision):
-    centered = x - jnp.mean(x, axis=0)  # distances are translation-invariant; see above
-    norms = jnp.sum(centered * centered, axis=1)
-    gram = jnp.matmul(centered, centered.T, precision=precision)
-    squared = norms[:, None] + norms - 2.0 * gram
-    out = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, jnp.maximum(squared, 0.0))
-    return out, (centered, out)
+    out = squared_euclidean_rows(x, None, precision=precision, method="matmul")
+    # the backward pass uses the same centring (distances are translation-invariant)
+    return out, (x - jnp.mean(x, axis=0), out)
 
 
 def _all_pairs_squared_backward(precision, residuals, cotangent):
