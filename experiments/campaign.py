@@ -5,9 +5,10 @@
 
 Every row runs the driver with its defaults plus the flags given here, one after another, into
 ``OUT/DATASET-LOSS-featDIM``. A finished row (summary.json present) is skipped and an unfinished
-one resumes from its checkpoint, so a campaign can span sessions; ``--stop-after-minutes`` ends
-it between rows. OUT/table.md gets one line per row with the command that reproduces it:
-closed-set metrics, or with ``--open-set K`` the held-out-class metrics of
+one resumes from its checkpoint, so a campaign can span sessions; ``--stop-after-minutes`` is a
+time box (rows stop after their last epoch that fits; unfinished ones are listed with the
+checkpoint to carry to another machine). OUT/table.md gets one line per row with the command
+that reproduces it: closed-set metrics, or with ``--open-set K`` the held-out-class metrics of
 ``experiments/open_set.py``. ``python -m experiments.seed001`` is this runner on seed 001's rows.
 """
 
@@ -59,10 +60,16 @@ def run_rows(
     this process's CPUs (XLA sizes its thread pool from the CPU affinity), output in the row's
     ``log.txt``. Why: XLA:CPU keeps only ~1.4 of 2 cores busy in the small LeNet++ convolutions,
     so two one-core runs finish more rows per hour than two-core runs in turn.
+
+    ``stop_after_minutes`` is a time box: no row starts after it, and each row gets the time
+    left as its driver's ``--stop-after-minutes``, so it stops after its last epoch that fits
+    (a fresh row always trains one epoch). Rows left unfinished are listed with their newest
+    checkpoint (:func:`newest_checkpoints`).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     start = time.time()
+    rows = list(rows)
     pending = [row for row in rows if not (run_dir(out, row) / "summary.json").exists()]
     stopped = False
 
@@ -76,15 +83,19 @@ def run_rows(
     def driver_argv(row: Row) -> list[str]:
         directory = run_dir(out, row)
         argv = [*row_flags(row, extra), "--out", str(directory), "--quiet"]
+        if stop_after_minutes:
+            left = max(stop_after_minutes - (time.time() - start) / 60, 1e-3)
+            argv += ["--stop-after-minutes", f"{left:.4g}"]
         return argv + (["--resume"] if (directory / "checkpoints").exists() else [])
 
     if jobs == 1:
         use_one_device_per_core()  # as each row's own process would (no-op once JAX runs)
         for row in pending:
             if not may_start():
-                return
+                break
             print(f"== {' '.join(map(str, row))}", flush=True)
             run(config_from_args(row[0], driver_argv(row)))
+        _report_unfinished(out, rows)
         return
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -119,6 +130,31 @@ def run_rows(
                 print(f"!! {failed[-1]}", flush=True)
     if failed:
         raise RuntimeError("campaign rows failed: " + "; ".join(failed))
+    _report_unfinished(out, rows)
+
+
+def newest_checkpoints(out: pathlib.Path, rows: Iterable[Row]) -> list[pathlib.Path]:
+    """The newest checkpoint (step directory) of every started but unfinished row.
+
+    That one directory is all another clone needs to resume the row with the same result
+    (checkpoints are git-ignored; ``git add -f`` these to carry a campaign to a fresh machine).
+    """
+    newest = []
+    for row in rows:
+        directory = run_dir(out, row)
+        steps = [
+            d
+            for d in (directory / "checkpoints").glob("*")
+            if d.name.isdigit() and (d / "commit_success.txt").exists()
+        ]
+        if steps and not (directory / "summary.json").exists():
+            newest.append(max(steps, key=lambda d: int(d.name)))
+    return newest
+
+
+def _report_unfinished(out: pathlib.Path, rows: Iterable[Row]) -> None:
+    for checkpoint in newest_checkpoints(out, rows):
+        print(f"unfinished, resumes from epoch {checkpoint.name}: {checkpoint}", flush=True)
 
 
 def finished(out: pathlib.Path, row: Row) -> tuple[dict, float] | None:
@@ -195,7 +231,8 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         "--stop-after-minutes",
         type=float,
         default=None,
-        help="start no new row after this many minutes (a running row finishes)",
+        help="time box: start no new row after this many minutes, and stop running rows after "
+        "their last epoch that fits (a fresh row trains at least one); rerun to resume",
     )
     parser.add_argument(
         "--jobs",

@@ -72,6 +72,7 @@ class Config:
     width: int = 32
     keep_checkpoints: int = 3
     stop_after: int | None = None  # stop (as if killed) after this epoch; --resume continues
+    stop_after_minutes: float | None = None  # time box: stop before an epoch that would pass it
     progress_every: int = 20
     quiet: bool = False
     devices: int | None = None  # data-parallel devices (None: default_devices)
@@ -87,7 +88,7 @@ class Config:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for run_only in ("resume", "quiet", "stop_after", "devices"):
+        for run_only in ("resume", "quiet", "stop_after", "stop_after_minutes", "devices"):
             d.pop(run_only)
         return json.loads(json.dumps(d))  # tuples as lists, as read back from config.json
 
@@ -197,6 +198,15 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "run again with --resume to continue",
     )
     p.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="time box for this run: stop (checkpoint written) before an epoch that, going by "
+        "the last epoch's duration, would end after MIN minutes from the start; the first "
+        "epoch of a fresh run always runs. Continue with --resume",
+    )
+    p.add_argument(
         "--devices",
         type=int,
         default=None,
@@ -226,6 +236,8 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
+    if args.stop_after_minutes is not None and not args.stop_after_minutes > 0:
+        raise SystemExit(f"error: --stop-after-minutes must be > 0, got {args.stop_after_minutes}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
     if args.devices is not None:
@@ -280,6 +292,7 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         width=args.width,
         quiet=args.quiet,
         stop_after=args.stop_after,
+        stop_after_minutes=args.stop_after_minutes,
         devices=args.devices,
     )
 
@@ -603,6 +616,7 @@ def _summary_table(rows: list[dict]) -> str:
 
 def run(cfg: Config) -> dict:
     """Trains and evaluates; returns the final summary (also written to OUT/summary.json)."""
+    started = time.time()
     out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
@@ -676,6 +690,12 @@ def run(cfg: Config) -> dict:
     frames = [f for f in frames if int(f.stem.split("_")[1]) <= start_epoch]
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if _next_epoch_passes_time_box(cfg, started, history):
+            log(
+                f"stopped before epoch {epoch}: it would end after --stop-after-minutes "
+                f"{cfg.stop_after_minutes:g}; continue with --resume"
+            )
+            return {"stopped_after": epoch - 1, "history": history}
         t0 = time.time()
         order = place_on_devices(cfg, _epoch_order(cfg, dataset.train_labels, epoch, steps))
         totals = jnp.zeros(3)
@@ -776,6 +796,16 @@ def run(cfg: Config) -> dict:
     (out / "summary.md").write_text(table + "\n")
     log(table)
     return summary
+
+
+def _next_epoch_passes_time_box(cfg: Config, started: float, history: list[dict]) -> bool:
+    """Whether an epoch as long as the last one (resumed ones count) would end past the time box.
+
+    Without a finished epoch there is no estimate, so a fresh run always trains its first epoch.
+    """
+    if cfg.stop_after_minutes is None or not history:
+        return False
+    return time.time() - started + history[-1]["seconds"] > 60 * cfg.stop_after_minutes
 
 
 def _samples_per_class(cfg: Config, num_classes: int) -> int:

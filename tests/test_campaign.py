@@ -60,6 +60,27 @@ def test_parallel_jobs_run_rows_in_pinned_processes_and_report_failures(
     assert "lr" in (campaign.run_dir(out, bad[0]) / "log.txt").read_text()
 
 
+def test_time_box_stops_rows_after_an_epoch_and_lists_their_checkpoints(
+    data_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    out = tmp_path / "campaign"
+    extra = ["--epochs", "2", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    rows = [("fashion_mnist", 2, "xent"), ("fashion_mnist", 2, "cent")]
+    campaign.run_rows(rows, out, extra, stop_after_minutes=0.01)  # less than one epoch
+    first = campaign.run_dir(out, rows[0])
+    assert [json.loads(line)["epoch"] for line in (first / "metrics.jsonl").open()] == [1]
+    assert not campaign.run_dir(out, rows[1]).exists()  # started after the box: never
+    assert campaign.newest_checkpoints(out, rows) == [first / "checkpoints" / "1"]
+    assert f"unfinished, resumes from epoch 1: {first / 'checkpoints' / '1'}" in (
+        capsys.readouterr().out
+    )
+    campaign.run_rows(rows, out, extra)
+    assert [campaign.finished(out, row)[0]["epoch"] for row in rows] == [2, 2]
+    assert campaign.newest_checkpoints(out, rows) == []
+
+
 @pytest.mark.parametrize("jobs", [0, 1.5, True, "more than the CPUs"])
 def test_bad_jobs_names_the_argument(tmp_path, jobs):
     if jobs == "more than the CPUs":

@@ -91,6 +91,17 @@ def test_resume_after_a_stop_ends_with_the_same_metrics(data_dir, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_time_box_stops_between_epochs_and_resume_finishes(data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--loss", "xent", "--epochs", "3", "--lr", "0.05"]
+    partial = train(data_dir, out, *common, "--stop-after-minutes", "0.001")
+    assert partial["stopped_after"] == 1 and len(history(out)) == 1  # a fresh run trains one
+    again = train(data_dir, out, *common, "--stop-after-minutes", "0.001", "--resume")
+    assert again["stopped_after"] == 1 and len(history(out)) == 1  # the resumed estimate
+    summary = train(data_dir, out, *common, "--stop-after-minutes", "600", "--resume")
+    assert summary["epochs"] == 3 and [r["epoch"] for r in history(out)] == [1, 2, 3]
+
+
 def jax_leaves(tree):
     import jax
 
