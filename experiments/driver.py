@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from experiments import open_set as open_set_lib
 from experiments.allocator import reuse_freed_memory
+from experiments.augment import AUGMENTATIONS, augment
 from experiments.cpu_devices import use_one_device_per_core
 from experiments.models import EmbeddingModel, LeNetPlusPlus, SmallResNet
 from experiments.objectives import OBJECTIVES, LossConfig, Objective
@@ -56,6 +57,8 @@ class Config:
     weight_decay: float = 5e-4  # pytorch-center-loss's SGD
     warmup_epochs: float = 0.5
     clip_norm: float = 5.0
+    augment: str = "none"  # seed 001 trains on the plain images
+    max_shift: int = 2
     center_update: str = "alpha"  # or "sgd": centers as parameters (pytorch-center-loss)
     center_lr: float = 0.5  # pytorch-center-loss's lr for centers
     samples_per_class: int = 4
@@ -118,6 +121,15 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--clip-norm", type=float, default=5.0, help="clip gradients to this global norm"
     )
+    p.add_argument(
+        "--augment",
+        default="none",
+        choices=list(AUGMENTATIONS),
+        help="random augmentation of training batches (experiments/augment.py): shift moves "
+        "each image by up to --max-shift pixels; shift-flip also mirrors half of them "
+        "(clothes, CIFAR; not digits). Seed 001 uses none",
+    )
+    p.add_argument("--max-shift", type=int, default=2, help="largest --augment shift in pixels")
     p.add_argument("--weight-cent", type=float, default=1.0, help="λ of softmax + λ·center (cent)")
     p.add_argument("--alpha", type=float, default=0.5, help="center learning rate α (Wen et al.)")
     p.add_argument("--weight-intra", type=float, default=1.0, help="standalone: intra weight")
@@ -238,6 +250,8 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
     if args.stop_after_minutes is not None and not args.stop_after_minutes > 0:
         raise SystemExit(f"error: --stop-after-minutes must be > 0, got {args.stop_after_minutes}")
+    if args.max_shift < 0:
+        raise SystemExit(f"error: --max-shift must be >= 0, got {args.max_shift}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
     if args.devices is not None:
@@ -276,6 +290,8 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs,
         clip_norm=args.clip_norm,
+        augment=args.augment,
+        max_shift=args.max_shift,
         center_update=args.center_update,
         center_lr=args.center_lr,
         samples_per_class=args.samples_per_class,
@@ -484,7 +500,9 @@ def make_train_step(cfg: Config, graphdef):
 
     def train_step(state: TrainState, images, labels, order, index):
         idx = order[index]
-        return step_on_shard(state, images[idx], labels[idx])
+        key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        batch = augment(images[idx], key, cfg.augment, cfg.max_shift)
+        return step_on_shard(state, batch, labels[idx])
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -636,6 +654,9 @@ def run(cfg: Config) -> dict:
         held_out = ", ".join(f"{c} ({all_class_names[c]})" for c in open_data.split.held_out)
         log(f"open set: training on {dataset.num_classes} classes, held out: {held_out}")
     num_classes = dataset.num_classes
+    side = min(dataset.train_images.shape[1:3])
+    if cfg.augment != "none" and cfg.max_shift >= side:
+        raise SystemExit(f"error: --max-shift must be < the image side {side}, got {cfg.max_shift}")
     if cfg.objective.balanced_batches:
         cfg = dataclasses.replace(cfg, samples_per_class=_samples_per_class(cfg, num_classes))
     steps = len(dataset.train_labels) // cfg.batch_size
@@ -664,8 +685,12 @@ def run(cfg: Config) -> dict:
     history: list[dict] = []
     if cfg.resume and manager.latest_step() is not None:
         saved = json.loads(config_path.read_text())
-        if saved != cfg.to_json():
-            diff = {k for k in saved if saved[k] != cfg.to_json().get(k)}
+        current = cfg.to_json()
+        # A flag added after the run started was at its default there.
+        defaults = Config(dataset=cfg.dataset).to_json()
+        saved = {**{k: defaults[k] for k in current.keys() - saved.keys()}, **saved}
+        if saved != current:
+            diff = {k for k in saved if saved[k] != current.get(k)}
             raise SystemExit(f"error: --resume with a different configuration ({sorted(diff)})")
         latest = manager.latest_step()
         state = manager.restore(latest, args=ocp.args.StandardRestore(state))

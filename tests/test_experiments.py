@@ -71,9 +71,10 @@ def test_every_loss_trains_and_writes_its_files(loss, data_dir, tmp_path):
     ]
 
 
-def test_resume_after_a_stop_ends_with_the_same_metrics(data_dir, tmp_path):
+@pytest.mark.parametrize("augmentation", ["none", "shift-flip"])
+def test_resume_after_a_stop_ends_with_the_same_metrics(augmentation, data_dir, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    common = ["--loss", "cent", "--epochs", "3", "--lr", "0.05"]
+    common = ["--loss", "cent", "--epochs", "3", "--lr", "0.05", "--augment", augmentation]
     train(data_dir, straight, *common)
     partial = train(data_dir, stopped, *common, "--stop-after", "1")
     assert partial["stopped_after"] == 1 and len(history(stopped)) == 1
@@ -100,6 +101,29 @@ def test_time_box_stops_between_epochs_and_resume_finishes(data_dir, tmp_path):
     assert again["stopped_after"] == 1 and len(history(out)) == 1  # the resumed estimate
     summary = train(data_dir, out, *common, "--stop-after-minutes", "600", "--resume")
     assert summary["epochs"] == 3 and [r["epoch"] for r in history(out)] == [1, 2, 3]
+
+
+def test_runs_started_before_a_flag_existed_resume_at_its_default(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(data_dir, out, "--loss", "xent", "--epochs", "2", "--stop-after", "1")
+    config = json.loads((out / "config.json").read_text())
+    del config["augment"], config["max_shift"]  # as written before --augment existed
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"different configuration \(\['augment'\]\)"):
+        train(data_dir, out, "--loss", "xent", "--epochs", "2", "--augment", "shift", "--resume")
+    summary = train(data_dir, out, "--loss", "xent", "--epochs", "2", "--resume")
+    assert summary["epochs"] == 2
+
+
+def test_augmented_training_learns(data_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--loss", "xent", "--epochs", "3", "--lr", "0.05", "--augment", "shift"]
+    train(data_dir, out, *argv, "--max-shift", "1")
+    rows = history(out)
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    assert rows[-1]["accuracy"] > 0.2, rows[-1]  # 10 classes: chance is 0.1
+    with pytest.raises(SystemExit, match="--max-shift must be < the image side 28, got 28"):
+        train(data_dir, tmp_path / "bad", *argv, "--max-shift", "28")
 
 
 def jax_leaves(tree):
@@ -201,6 +225,9 @@ def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
         (["--limit", "0"], "--limit must be >= 1"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--max-shift", "-1"], "--max-shift must be >= 0"),
+        (["--augment", "rotate"], ""),  # argparse names the choices
+        (["--stop-after-minutes", "0"], "--stop-after-minutes must be > 0"),
         (
             ["--loss", "triplet", "--batch-size", "30", "--samples-per-class", "4"],
             "must be a multiple of --samples-per-class",

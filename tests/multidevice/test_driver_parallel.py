@@ -3,11 +3,16 @@ the single-device run (same batches, exact global losses), and bad device counts
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments import driver
+from experiments.augment import augment
 from mlx_jax import data as D
+from mlx_jax import parallel
 from tests.test_data import cifar_members, write_cifar_tarball
 from tests.test_experiments import data_dir, history, train  # noqa: F401  (data_dir: fixture)
 
@@ -33,6 +38,22 @@ def test_eight_devices_give_the_single_device_metrics(loss, extra, data_dir, tmp
             np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, err_msg=key)
         for key in DISCRETE:  # 160 test images: allow one borderline sample to flip
             assert abs(r8[key] - r1[key]) <= 1 / 160 + 1e-9, (key, r1[key], r8[key])
+
+
+def test_augmented_batches_do_not_depend_on_the_sharding():
+    """The driver augments the gathered batch under jit; sharding it must not change the draw."""
+    images = np.random.default_rng(0).uniform(size=(320, 28, 28, 1)).astype(np.float32)
+    order = np.random.default_rng(1).permutation(320)[:32]
+    step = jax.jit(lambda im, o, key: augment(im[o], key, "shift-flip", 2))
+    one = step(images, order, jax.random.key(5))
+    mesh = parallel.data_mesh(8)
+    sharded = step(
+        jax.device_put(images, NamedSharding(mesh, P())),
+        jax.device_put(order, NamedSharding(mesh, P(mesh.axis_names[0]))),
+        jax.random.key(5),
+    )
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(one))
 
 
 def test_a_run_stopped_on_eight_devices_resumes_on_one(data_dir, tmp_path):  # noqa: F811
