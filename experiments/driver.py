@@ -689,6 +689,7 @@ def run(cfg: Config) -> dict:
         # A flag added after the run started was at its default there.
         defaults = Config(dataset=cfg.dataset).to_json()
         saved = {**{k: defaults[k] for k in current.keys() - saved.keys()}, **saved}
+        saved["out"] = current["out"]  # a run directory may move (another clone, a copy)
         if saved != current:
             diff = {k for k in saved if saved[k] != current.get(k)}
             raise SystemExit(f"error: --resume with a different configuration ({sorted(diff)})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -79,6 +80,34 @@ def test_time_box_stops_rows_after_an_epoch_and_lists_their_checkpoints(
     campaign.run_rows(rows, out, extra)
     assert [campaign.finished(out, row)[0]["epoch"] for row in rows] == [2, 2]
     assert campaign.newest_checkpoints(out, rows) == []
+
+
+def test_a_row_carried_with_only_its_newest_checkpoint_resumes_elsewhere(
+    data_dir,  # noqa: F811
+    tmp_path,
+):
+    """What a fresh clone gets when the newest checkpoint is committed (git add -f)."""
+    extra = ["--epochs", "3", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    row = ("fashion_mnist", 2, "cent")
+    campaign.run_rows([row], tmp_path / "straight", extra)
+    here = tmp_path / "here"
+    campaign.run_rows([row], here, [*extra[:2], "--stop-after", "2", *extra[2:]])
+    (newest,) = campaign.newest_checkpoints(here, [row])
+    assert newest.name == "2"
+    clone = tmp_path / "clone"
+    for path in [newest, *campaign.run_dir(here, row).glob("*.json*")]:
+        target = clone / path.relative_to(here)
+        if path.is_dir():
+            shutil.copytree(path, target)
+        else:
+            shutil.copy(path, target)
+    campaign.run_rows([row], clone, extra)
+
+    def rows(out):
+        lines = (campaign.run_dir(out, row) / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if "seconds" not in k} for x in lines]
+
+    assert rows(clone) == rows(tmp_path / "straight")
 
 
 @pytest.mark.parametrize("jobs", [0, 1.5, True, "more than the CPUs"])
