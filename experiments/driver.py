@@ -655,7 +655,7 @@ def run(cfg: Config) -> dict:
         log(f"open set: training on {dataset.num_classes} classes, held out: {held_out}")
     num_classes = dataset.num_classes
     side = min(dataset.train_images.shape[1:3])
-    if cfg.augment != "none" and cfg.max_shift >= side:
+    if cfg.max_shift >= side:
         raise SystemExit(f"error: --max-shift must be < the image side {side}, got {cfg.max_shift}")
     if cfg.objective.balanced_batches:
         cfg = dataclasses.replace(cfg, samples_per_class=_samples_per_class(cfg, num_classes))
