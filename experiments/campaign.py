@@ -2,6 +2,8 @@
 
     python -m experiments.campaign --out runs/all-losses --epochs 2
     python -m experiments.campaign --out runs/open-set --open-set 2 --epochs 1 --limit 20000
+    python -m experiments.campaign --out runs/xent-shift --losses xent --epochs 20 \
+        --driver-args='--augment shift'
 
 Every row runs the driver with its defaults plus the flags given here, one after another, into
 ``OUT/DATASET-LOSS-featDIM``. A finished row (summary.json present) is skipped and an unfinished
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -261,6 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, required=True, help="epochs per row")
     p.add_argument("--limit", type=int, default=None, help="first N examples per split")
     p.add_argument("--open-set", type=int, default=None, metavar="K", help="hold out K classes")
+    p.add_argument(
+        "--driver-args",
+        default="",
+        metavar="FLAGS",
+        help="more driver flags for every row, written with '=': --driver-args='--augment shift'",
+    )
     add_grid_flags(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
@@ -270,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = ["--epochs", str(args.epochs)]
     extra += ["--limit", str(args.limit)] if args.limit else []
     extra += ["--open-set", str(args.open_set)] if args.open_set else []
+    extra += shlex.split(args.driver_args)
     rows = [(d, dim, loss) for d in args.datasets for dim in args.dims for loss in args.losses]
     out = pathlib.Path(args.out)
     if not args.table_only:

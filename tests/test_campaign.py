@@ -110,6 +110,16 @@ def test_a_row_carried_with_only_its_newest_checkpoint_resumes_elsewhere(
     assert rows(clone) == rows(tmp_path / "straight")
 
 
+def test_driver_args_reach_every_row_and_its_command(data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "campaign"
+    flags = f"--data-dir {data_dir} " + " ".join(TINY) + " --augment shift --max-shift 1"
+    argv = ["--out", str(out), "--losses", "xent", "--datasets", "fashion_mnist", "--dims", "2"]
+    campaign.main([*argv, "--epochs", "1", f"--driver-args={flags}"])
+    config = json.loads((out / "fashion_mnist-xent-feat2" / "config.json").read_text())
+    assert (config["augment"], config["max_shift"]) == ("shift", 1)
+    assert "--augment shift --max-shift 1`" in (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize("jobs", [0, 1.5, True, "more than the CPUs"])
 def test_bad_jobs_names_the_argument(tmp_path, jobs):
     if jobs == "more than the CPUs":
