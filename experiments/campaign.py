@@ -2,8 +2,7 @@
 
     python -m experiments.campaign --out runs/all-losses --epochs 2
     python -m experiments.campaign --out runs/open-set --open-set 2 --epochs 1 --limit 20000
-    python -m experiments.campaign --out runs/xent-shift --losses xent --epochs 20 \
-        --driver-args='--augment shift'
+    python -m experiments.campaign --out runs/shift --epochs 20 --driver-args='--augment shift'
 
 Every row runs the driver with its defaults plus the flags given here, one after another, into
 ``OUT/DATASET-LOSS-featDIM``. A finished row (summary.json present) is skipped and an unfinished
