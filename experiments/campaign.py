@@ -20,10 +20,13 @@ import json
 import os
 import pathlib
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+
+import orbax.checkpoint as ocp
 
 from experiments.cpu_devices import use_one_device_per_core
 from experiments.driver import config_from_args, run
@@ -63,9 +66,10 @@ def run_rows(
     ``log.txt``. Why: XLA:CPU keeps only ~1.4 of 2 cores busy in the small LeNet++ convolutions,
     so two one-core runs finish more rows per hour than two-core runs in turn.
 
-    ``stop_after_minutes`` is a time box: no row starts after it, and each row gets the time
-    left as its driver's ``--stop-after-minutes``, so it stops after its last epoch that fits
-    (a fresh row always trains one epoch). Rows left unfinished are listed with their newest
+    ``stop_after_minutes`` is a time box: a row starts only if one epoch fits in the time left
+    (estimated by :func:`epoch_minutes`; without any finished epoch yet there is no estimate and
+    the row starts), and it gets the time left as its driver's ``--stop-after-minutes``, so it
+    stops after its last epoch that fits. Rows left unfinished are listed with their newest
     checkpoint (:func:`newest_checkpoints`).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -75,10 +79,15 @@ def run_rows(
     pending = [row for row in rows if not (run_dir(out, row) / "summary.json").exists()]
     stopped = False
 
-    def may_start() -> bool:
+    def may_start(row: Row) -> bool:
         nonlocal stopped
-        if not stopped and stop_after_minutes and (time.time() - start) / 60 > stop_after_minutes:
-            print("time box reached; run again to continue", flush=True)
+        if stopped or not stop_after_minutes:
+            return not stopped
+        left = stop_after_minutes - (time.time() - start) / 60
+        epoch = epoch_minutes(out, rows, row)
+        if left <= 0 or (epoch is not None and epoch > left):
+            fit = "" if epoch is None else f" (one epoch takes ~{epoch:.1f} min)"
+            print(f"time box reached{fit}; run again to continue", flush=True)
             stopped = True
         return not stopped
 
@@ -93,7 +102,7 @@ def run_rows(
     if jobs == 1:
         use_one_device_per_core()  # as each row's own process would (no-op once JAX runs)
         for row in pending:
-            if not may_start():
+            if not may_start(row):
                 break
             print(f"== {' '.join(map(str, row))}", flush=True)
             run(config_from_args(row[0], driver_argv(row)))
@@ -106,8 +115,8 @@ def run_rows(
     free_slots = [cpus[slot::jobs] for slot in range(jobs)]
     running: list[tuple[subprocess.Popen, Row, list[int]]] = []
     failed: list[str] = []
-    while running or (pending and may_start()):
-        while free_slots and pending and may_start():
+    while running or (pending and may_start(pending[0])):
+        while free_slots and pending and may_start(pending[0]):
             row, slot = pending.pop(0), free_slots.pop(0)
             directory = run_dir(out, row)
             directory.mkdir(parents=True, exist_ok=True)
@@ -135,6 +144,24 @@ def run_rows(
     _report_unfinished(out, rows)
 
 
+def epoch_minutes(out: pathlib.Path, rows: Iterable[Row], row: Row) -> float | None:
+    """Expected minutes of ``row``'s next epoch: its own last epoch's, else the median of the
+    other rows' last epochs (rows of one campaign share the data and the network's cost; last
+    epochs, because a host's load changes over a campaign), else None when no epoch has
+    finished yet."""
+
+    def epochs(r: Row) -> list[float]:
+        path = run_dir(out, r) / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line)["seconds"] / 60 for line in lines if line.strip()]
+
+    own = epochs(row)
+    if own:
+        return own[-1]
+    last = [minutes[-1] for minutes in map(epochs, rows) if minutes]
+    return statistics.median(last) if last else None
+
+
 def newest_checkpoints(out: pathlib.Path, rows: Iterable[Row]) -> list[pathlib.Path]:
     """The newest checkpoint (step directory) of every started but unfinished row.
 
@@ -144,13 +171,13 @@ def newest_checkpoints(out: pathlib.Path, rows: Iterable[Row]) -> list[pathlib.P
     newest = []
     for row in rows:
         directory = run_dir(out, row)
-        steps = [
-            d
-            for d in (directory / "checkpoints").glob("*")
-            if d.name.isdigit() and (d / "commit_success.txt").exists()
-        ]
-        if steps and not (directory / "summary.json").exists():
-            newest.append(max(steps, key=lambda d: int(d.name)))
+        checkpoints = directory / "checkpoints"
+        if (directory / "summary.json").exists() or not checkpoints.is_dir():
+            continue
+        # orbax's own notion of the newest finalized step (what CheckpointManager resumes from)
+        latest = ocp.step.latest_step_metadata(checkpoints, ocp.step.standard_name_format())
+        if latest is not None:
+            newest.append(checkpoints / latest.path.name)
     return newest
 
 

@@ -82,6 +82,34 @@ def test_time_box_stops_rows_after_an_epoch_and_lists_their_checkpoints(
     assert campaign.newest_checkpoints(out, rows) == []
 
 
+def _write_epochs(out, row, minutes, finished=False):
+    directory = campaign.run_dir(out, row)
+    directory.mkdir(parents=True)
+    lines = [json.dumps({"epoch": i + 1, "seconds": 60 * m}) for i, m in enumerate(minutes)]
+    (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        (directory / "summary.json").write_text("{}")
+
+
+def test_epoch_estimate_is_the_rows_own_last_epoch_else_the_median_of_the_others(tmp_path):
+    rows = [("mnist", 2, loss) for loss in ("xent", "cent", "standalone", "circle", "triplet")]
+    assert campaign.epoch_minutes(tmp_path, rows, rows[0]) is None
+    _write_epochs(tmp_path, rows[0], [19.0, 6.0])
+    _write_epochs(tmp_path, rows[1], [7.0])
+    _write_epochs(tmp_path, rows[2], [4.0, 9.0])
+    assert campaign.epoch_minutes(tmp_path, rows, rows[0]) == 6.0
+    assert campaign.epoch_minutes(tmp_path, rows, rows[4]) == 7.0
+
+
+def test_a_fresh_row_does_not_start_when_one_epoch_would_overrun_the_time_box(tmp_path, capsys):
+    out = tmp_path / "campaign"
+    done, fresh = ("fashion_mnist", 2, "xent"), ("fashion_mnist", 2, "cent")
+    _write_epochs(out, done, [10.0], finished=True)
+    campaign.run_rows([done, fresh], out, ["--epochs", "1"], stop_after_minutes=5, jobs=2)
+    assert not campaign.run_dir(out, fresh).exists()
+    assert "one epoch takes ~10.0 min" in capsys.readouterr().out
+
+
 def test_a_row_carried_with_only_its_newest_checkpoint_resumes_elsewhere(
     data_dir,  # noqa: F811
     tmp_path,
