@@ -260,8 +260,9 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         "--stop-after-minutes",
         type=float,
         default=None,
-        help="time box: start no new row after this many minutes, and stop running rows after "
-        "their last epoch that fits (a fresh row trains at least one); rerun to resume",
+        help="time box in minutes: a row starts only if one epoch (as long as its own last, "
+        "else the other rows' median) fits in the time left, and stops after its last epoch "
+        "that fits; rerun to resume",
     )
     parser.add_argument(
         "--jobs",
