@@ -149,17 +149,18 @@ def epoch_minutes(out: pathlib.Path, rows: Iterable[Row], row: Row) -> float | N
     other rows' last epochs (rows of one campaign share the data and the network's cost; last
     epochs, because a host's load changes over a campaign), else None when no epoch has
     finished yet."""
-
-    def epochs(r: Row) -> list[float]:
-        path = run_dir(out, r) / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [json.loads(line)["seconds"] / 60 for line in lines if line.strip()]
-
-    own = epochs(row)
+    own = _epoch_minutes(out, row)
     if own:
         return own[-1]
-    last = [minutes[-1] for minutes in map(epochs, rows) if minutes]
+    last = [minutes[-1] for minutes in (_epoch_minutes(out, r) for r in rows) if minutes]
     return statistics.median(last) if last else None
+
+
+def _epoch_minutes(out: pathlib.Path, row: Row) -> list[float]:
+    """Wall minutes of each epoch the row has recorded (evaluation included); [] if none."""
+    path = run_dir(out, row) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["seconds"] / 60 for line in lines if line.strip()]
 
 
 def newest_checkpoints(out: pathlib.Path, rows: Iterable[Row]) -> list[pathlib.Path]:
@@ -192,9 +193,7 @@ def finished(out: pathlib.Path, row: Row) -> tuple[dict, float] | None:
     if not (directory / "summary.json").exists():
         return None
     summary = json.loads((directory / "summary.json").read_text())
-    lines = (directory / "metrics.jsonl").read_text().splitlines()
-    minutes = sum(json.loads(line)["seconds"] for line in lines) / 60
-    return summary["final"], minutes
+    return summary["final"], sum(_epoch_minutes(out, row))
 
 
 def best(out: pathlib.Path, row: Row) -> dict:
