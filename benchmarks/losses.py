@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -325,10 +326,33 @@ class LossSpec:
     pml: str | None = None
     pml_build: Callable[[Problem, Torch], PmlCall] | None = None
     pml_bytes: Callable[[int, int, int, int], float] | None = None  # (B, D, C, per_class)
+    head_loss: Callable[..., jax.Array] | None = None  # class heads: loss(x, y, W, **options)
+
+    def step_for(self, class_block_size: int | None) -> Callable[..., Any]:
+        """Our step; class heads with ``class_block_size`` visit the classes in blocks."""
+        if class_block_size is None or self.head_loss is None:
+            return self.step
+        return _param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
 
     @property
     def floor(self) -> str:
         return {"pair": "x @ x.T", "head": "x @ W", "center": "x @ centers.T"}[self.kind]
+
+
+def _cosface(x, y, w, **options):
+    return L.cosface_loss(x, y, w, scale=COSFACE_SCALE, margin=COSFACE_MARGIN, **options)
+
+
+def _arcface(x, y, w, **options):
+    return L.arcface_loss(
+        x, y, w, scale=ARCFACE_SCALE, margin=ARCFACE_MARGIN_RAD, boundary="monotonic", **options
+    )
+
+
+def _sphereface(x, y, w, **options):
+    return L.sphereface_loss(
+        x, y, w, margin=SPHEREFACE_MARGIN, annealing_lambda=0.0, scale=None, **options
+    )
 
 
 def _contrastive(x, y):
@@ -412,9 +436,8 @@ SPECS: tuple[LossSpec, ...] = (
         name="cosface",
         kind="head",
         ours=f"cosface_loss(scale={COSFACE_SCALE:g}, margin={COSFACE_MARGIN})",
-        step=_param_step(
-            lambda x, y, w: L.cosface_loss(x, y, w, scale=COSFACE_SCALE, margin=COSFACE_MARGIN)
-        ),
+        step=_param_step(_cosface),
+        head_loss=_cosface,
         pml=f"CosFaceLoss(margin={COSFACE_MARGIN}, scale={COSFACE_SCALE:g}, MeanReducer)",
         pml_build=_pml_head(
             lambda t, c, d: t.losses.CosFaceLoss(
@@ -431,11 +454,8 @@ SPECS: tuple[LossSpec, ...] = (
         name="arcface",
         kind="head",
         ours=f"arcface_loss(scale={ARCFACE_SCALE:g}, margin={ARCFACE_MARGIN_RAD} rad)",
-        step=_param_step(
-            lambda x, y, w: L.arcface_loss(
-                x, y, w, scale=ARCFACE_SCALE, margin=ARCFACE_MARGIN_RAD, boundary="monotonic"
-            )
-        ),
+        step=_param_step(_arcface),
+        head_loss=_arcface,
         pml=f"ArcFaceLoss(margin={math.degrees(ARCFACE_MARGIN_RAD):.4f} degrees, "
         f"scale={ARCFACE_SCALE:g}, MeanReducer)",
         pml_build=_pml_head(
@@ -453,11 +473,8 @@ SPECS: tuple[LossSpec, ...] = (
         name="sphereface",
         kind="head",
         ours=f"sphereface_loss(margin={SPHEREFACE_MARGIN}, annealing_lambda=0, scale=None)",
-        step=_param_step(
-            lambda x, y, w: L.sphereface_loss(
-                x, y, w, margin=SPHEREFACE_MARGIN, annealing_lambda=0.0, scale=None
-            )
-        ),
+        step=_param_step(_sphereface),
+        head_loss=_sphereface,
         pml=f"SphereFaceLoss(margin={SPHEREFACE_MARGIN}, scale=1, MeanReducer)",
         pml_build=_pml_head(
             lambda t, c, d: t.losses.SphereFaceLoss(
@@ -653,7 +670,7 @@ def bench_one(
     problem = make_problem(spec.kind, batch, dim, classes, args.per_class, args.seed)
     limit = args.max_gb * GIB
     device_args = _device_args(spec, problem)
-    ours = compile_step(spec.step, device_args)
+    ours = compile_step(spec.step_for(args.class_block_size), device_args)
     row.ours_compile_s = ours.compile_s
     row.ours_xla_memory = ours.memory
     row.ours_xla_bytes = ours.work_bytes if ours.memory else None
@@ -746,7 +763,7 @@ def rss_worker() -> None:
         )
         out: dict[str, Any] = {"index": config["index"]}
         if config["ours"]:
-            ours = compile_step(spec.step, _device_args(spec, problem))
+            ours = compile_step(spec.step_for(job["class_block_size"]), _device_args(spec, problem))
             ours.run()
             out["ours"] = _peak_rss_delta(ours.run)
             del ours
@@ -779,6 +796,7 @@ def measure_rss(rows: list[Row], args: argparse.Namespace, threads: int, with_pm
         "configs": configs,
         "threads": threads,
         "per_class": args.per_class,
+        "class_block_size": args.class_block_size,
         "seed": args.seed,
         "pml": with_pml,
     }
@@ -877,6 +895,7 @@ def metadata(
         "max_gb": args.max_gb,
         "seed": args.seed,
         "malloc_tuned": getattr(args, "malloc_tuned", False),
+        "class_block_size": args.class_block_size,
         "losses": {
             s.name: {"ours": s.ours, "pml": s.pml, "floor": s.floor}
             for s in SPECS
@@ -982,6 +1001,13 @@ def build_parser() -> argparse.ArgumentParser:
         "[C, D]); pair losses ignore it. The issue's floor comparison uses 100000.",
     )
     p.add_argument(
+        "--class-block-size",
+        type=int,
+        default=None,
+        help="class heads: pass class_block_size (visit the classes in blocks of this many, "
+        "no [B, C] array; mlx_jax.losses.class_blocks); default: the dense form",
+    )
+    p.add_argument(
         "--per-class",
         type=int,
         default=4,
@@ -1055,6 +1081,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name} values must be >= 1")
     if any(c < 2 for c in args.classes):
         p.error("--classes values must be >= 2 (triplet-center needs another class)")
+    if args.class_block_size is not None and args.class_block_size < 1:
+        p.error("--class-block-size must be >= 1")
     if args.per_class < 2:
         p.error("--per-class must be >= 2 (pair losses need positives)")
     if any(b < 2 * args.per_class for b in args.batch):

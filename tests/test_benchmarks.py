@@ -90,6 +90,21 @@ def test_without_pml_only_our_columns(tmp_path):
     assert all(r["pml_ms"] is None for r in payload["rows"])
 
 
+def test_class_block_size_computes_the_same_head_losses(tmp_path, report):
+    _, dense = report
+    out = tmp_path / "blocks.md"
+    heads = ["cosface", "arcface", "sphereface"]
+    argv = [*TINY, "--losses", *heads, "--class-block-size", "16", "--no-pml", "--no-rss"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["meta"]["class_block_size"] == 16
+    blocked = {r["loss"]: r["ours_loss"] for r in payload["rows"]}
+    expected = {r["loss"]: r["ours_loss"] for r in dense["rows"] if r["loss"] in heads}
+    assert sorted(blocked) == sorted(heads)
+    for name in heads:
+        np.testing.assert_allclose(blocked[name], expected[name], rtol=1e-5)
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
@@ -103,7 +118,13 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_bad_flags_are_rejected(capsys):
-    for argv in (["--batch", "4"], ["--per-class", "1"], ["--repeats", "0"], ["--losses", "x"]):
+    for argv in (
+        ["--batch", "4"],
+        ["--per-class", "1"],
+        ["--repeats", "0"],
+        ["--losses", "x"],
+        ["--class-block-size", "0"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2

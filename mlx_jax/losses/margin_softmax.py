@@ -42,6 +42,7 @@ import numpy as np
 
 from mlx_jax import _checks, reductions
 from mlx_jax.distances import HIGHEST, l2_normalize, safe_sqrt
+from mlx_jax.losses import class_blocks
 from mlx_jax.losses._common import prepare_batch
 from mlx_jax.losses.softmax import cross_entropy_terms, take_target, target_mask
 
@@ -104,6 +105,35 @@ def _reduce_margin_loss(
     else:
         _, replaced = _replace_target(cosines, target_cosine, labels)
         terms = cross_entropy_terms(row_scale * replaced, labels)
+    return reductions.reduce_weighted(terms, weights, reduction)
+
+
+def _margin_head_loss(
+    x: jax.Array,
+    labels: jax.Array,
+    w: jax.Array,
+    penalize,
+    row_scale,
+    weights: jax.Array,
+    reduction: str,
+    class_block_size: int | None,
+) -> jax.Array:
+    """The loss of every head here: cosines, the target cosine replaced by
+    ``penalize(cos θ_y)`` [B], softmax cross-entropy at ``row_scale`` (a number or [B, 1]).
+
+    Dense (one [B, C] cosine matrix) unless ``class_block_size`` < C, where
+    :func:`mlx_jax.losses.class_blocks.blockwise_margin_cross_entropy` visits the classes in
+    blocks and no [B, C] array is formed (same value and gradients)."""
+    if class_block_size is None or class_block_size >= w.shape[1]:
+        cosines = _cosines(x, w)
+        target = penalize(take_target(cosines, labels))
+        return _reduce_margin_loss(cosines, target, labels, row_scale, weights, reduction)
+    x_hat, w_hat = l2_normalize(x, axis=1), l2_normalize(w, axis=0)
+    target = penalize(class_blocks.target_cosines(x_hat, w_hat, labels))
+    scale = jnp.broadcast_to(jnp.asarray(row_scale, x.dtype).reshape(-1), labels.shape)
+    terms = class_blocks.blockwise_margin_cross_entropy(
+        x_hat, w_hat, target, labels, scale, class_block_size
+    )
     return reductions.reduce_weighted(terms, weights, reduction)
 
 
@@ -233,6 +263,7 @@ def combined_margin_loss(
     boundary: Boundary = "monotonic",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    class_block_size: int | None = None,
 ) -> jax.Array:
     """insightface's combined margin softmax (Deng et al. 2019, ArcFace paper, Eq. 4)::
 
@@ -271,15 +302,22 @@ def combined_margin_loss(
       weights: optional [B] per-sample weights (None → ones; zero excludes a sample).
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"`` (insightface and PML's
         ``MeanReducer``). ``"none"`` returns the [B] weighted per-sample losses.
+      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
+        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
+        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
+        Worth it when the [B, C] logits outgrow the cache (C in the tens of thousands).
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
     """
     _check_margins(m1, m2, m3, scale, boundary, reduction)
+    class_block_size = class_blocks.check_class_block_size(class_block_size)
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
-    cosines = _cosines(x, w)
-    target = _combined_target(take_target(cosines, y), m1, m2, m3, boundary)
-    return _reduce_margin_loss(cosines, target, y, scale, sample_w, reduction)
+
+    def penalize(cos_y):
+        return _combined_target(cos_y, m1, m2, m3, boundary)
+
+    return _margin_head_loss(x, y, w, penalize, scale, sample_w, reduction, class_block_size)
 
 
 def arcface_loss(
@@ -292,6 +330,7 @@ def arcface_loss(
     boundary: Boundary = "monotonic",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    class_block_size: int | None = None,
 ) -> jax.Array:
     """ArcFace / additive angular margin (Deng et al. 2019, Eq. 3)::
 
@@ -310,6 +349,9 @@ def arcface_loss(
         :func:`combined_margin_loss`).
       weights: optional [B] per-sample weights.
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``.
+      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
+        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
+        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
@@ -326,6 +368,7 @@ def arcface_loss(
         boundary=boundary,
         weights=weights,
         reduction=reduction,
+        class_block_size=class_block_size,
     )
 
 
@@ -338,6 +381,7 @@ def cosface_loss(
     margin: float = 0.35,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    class_block_size: int | None = None,
 ) -> jax.Array:
     """CosFace / large margin cosine loss (Wang et al. 2018, Eq. 4)::
 
@@ -354,6 +398,9 @@ def cosface_loss(
       margin: m, a cosine margin; default 0.35 (the paper; also PML).
       weights: optional [B] per-sample weights.
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``.
+      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
+        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
+        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
@@ -370,6 +417,7 @@ def cosface_loss(
         boundary="none",
         weights=weights,
         reduction=reduction,
+        class_block_size=class_block_size,
     )
 
 
@@ -412,6 +460,7 @@ def sphereface_loss(
     scale: float | None = None,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
+    class_block_size: int | None = None,
 ) -> jax.Array:
     """SphereFace / A-Softmax (Liu et al. 2017, Eqs. 6–7), with its training-time annealing.
 
@@ -438,6 +487,9 @@ def sphereface_loss(
         features and uses s instead. PML's ``SphereFaceLoss(scale=1)`` equals ``scale=None``.
       weights: optional [B] per-sample weights.
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``.
+      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
+        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
+        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
@@ -447,15 +499,17 @@ def sphereface_loss(
     _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
     if scale is not None:
         _checks.positive(scale, "scale")
+    class_block_size = class_blocks.check_class_block_size(class_block_size)
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
-    cosines = _cosines(x, w)
-    cos_y = take_target(cosines, y)
-    target = (annealing_lambda * cos_y + _sphereface_psi(cos_y, m)) / (1.0 + annealing_lambda)
+
+    def penalize(cos_y):
+        return (annealing_lambda * cos_y + _sphereface_psi(cos_y, m)) / (1.0 + annealing_lambda)
+
     if scale is None:
         row_scale = safe_sqrt(jnp.sum(x * x, axis=1, keepdims=True))
     else:
         row_scale = scale
-    return _reduce_margin_loss(cosines, target, y, row_scale, sample_w, reduction)
+    return _margin_head_loss(x, y, w, penalize, row_scale, sample_w, reduction, class_block_size)
 
 
 def sphereface_lambda(
