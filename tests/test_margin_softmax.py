@@ -381,9 +381,11 @@ def test_sphereface_lambda_schedule_shape():
     )
 
 
-def test_out_of_range_labels_raise_eagerly_and_are_nan_under_jit():
+@pytest.mark.parametrize("class_block_size", [None, 2], ids=["dense", "class-blocks"])
+def test_out_of_range_labels_raise_eagerly_and_are_nan_under_jit(class_block_size):
     x, y, w = random_problem(15, batch=6, classes=3)
     for loss in (arcface_loss, cosface_loss, combined_margin_loss, sphereface_loss):
+        loss = functools.partial(loss, class_block_size=class_block_size)
         for bad_value in (3, -1):
             bad = y.copy()
             bad[2] = bad_value
