@@ -18,7 +18,11 @@ What one timed call is
 * **floor**: one jitted forward matmul at default precision: ``x @ x.T`` ([B, D] × [D, B],
   2·B²·D flops) for the pair losses, ``x @ W`` ([B, D] × [D, C]) for the class heads and
   ``x @ centers.T`` for the center losses. A fused fwd+bwd needs at least two such matmuls
-  (the forward one and the one of the backward pass), so ``ours/floor`` ≈ 2 is the matmul bound.
+  for the pair losses (x·xᵀ and G·x) and three for the class heads (x·W, G·Wᵀ and xᵀ·G), so
+  ``ours/floor`` ≈ 2 (pairs) or ≈ 3 (heads) is the matmul bound.
+  ``--class-block-size N`` times the class heads with ``class_block_size=N``
+  (:mod:`mlx_jax.losses.class_blocks`: no [B, C] array, one more matmul to recompute each
+  block's cosines in the backward pass, so ≈ 4).
   Center loss + α update does no matmul at all (a gather and a segment sum): its floor is only a
   reference at the same operand sizes.
 
