@@ -153,8 +153,8 @@ def test_no_batch_by_classes_array_is_formed():
     [
         (0, ValueError, "class_block_size must be >= 1, got 0"),
         (-3, ValueError, "class_block_size must be >= 1"),
-        (2.0, TypeError, "class_block_size must be a positive int or None"),
-        (True, TypeError, "class_block_size must be a positive int or None"),
+        (2.0, TypeError, "class_block_size must be None or a positive int"),
+        (True, TypeError, "class_block_size must be None or a positive int"),
     ],
 )
 def test_bad_class_block_size_raises(value, error, match):

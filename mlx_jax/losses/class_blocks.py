@@ -30,20 +30,7 @@ import jax.numpy as jnp
 
 from mlx_jax.distances import HIGHEST
 
-__all__ = ["blockwise_margin_cross_entropy", "check_class_block_size", "target_cosines"]
-
-
-def check_class_block_size(class_block_size: int | None) -> int | None:
-    """``None`` (dense) or a positive Python int; raises naming ``class_block_size`` otherwise."""
-    if class_block_size is None:
-        return None
-    if isinstance(class_block_size, bool) or not isinstance(class_block_size, int):
-        raise TypeError(
-            f"class_block_size must be a positive int or None, got {class_block_size!r}"
-        )
-    if class_block_size < 1:
-        raise ValueError(f"class_block_size must be >= 1, got {class_block_size}")
-    return class_block_size
+__all__ = ["blockwise_margin_cross_entropy", "target_cosines"]
 
 
 def target_cosines(x_hat: jax.Array, w_hat: jax.Array, labels: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlx_jax import _checks, reductions
+from mlx_jax.blockwise import check_block_size
 from mlx_jax.distances import HIGHEST, l2_normalize, safe_sqrt
 from mlx_jax.losses import class_blocks
 from mlx_jax.losses._common import prepare_batch
@@ -305,13 +306,13 @@ def combined_margin_loss(
       class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
         classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
         O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
-        Worth it when the [B, C] logits outgrow the cache (C in the tens of thousands).
+        Worth it when the [B, C] logits strain memory; on XLA:CPU it is no faster (BENCHMARKS.md).
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
     """
     _check_margins(m1, m2, m3, scale, boundary, reduction)
-    class_block_size = class_blocks.check_class_block_size(class_block_size)
+    class_block_size = check_block_size(class_block_size, "class_block_size")
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
 
     def penalize(cos_y):
@@ -499,7 +500,7 @@ def sphereface_loss(
     _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
     if scale is not None:
         _checks.positive(scale, "scale")
-    class_block_size = class_blocks.check_class_block_size(class_block_size)
+    class_block_size = check_block_size(class_block_size, "class_block_size")
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
 
     def penalize(cos_y):
