@@ -326,7 +326,7 @@ class LossSpec:
     name: str
     kind: str  # "pair" (labels only), "head" (W [D, C]), "center" (centers [C, D])
     ours: str  # how ours is called (for the report)
-    step: Callable[..., Any]
+    step: Callable[..., Any] | None = None  # pair and center losses; heads derive theirs
     pml: str | None = None
     pml_build: Callable[[Problem, Torch], PmlCall] | None = None
     pml_bytes: Callable[[int, int, int, int], float] | None = None  # (B, D, C, per_class)
@@ -334,7 +334,8 @@ class LossSpec:
 
     def step_for(self, class_block_size: int | None) -> Callable[..., Any]:
         """Our step; class heads with ``class_block_size`` visit the classes in blocks."""
-        if class_block_size is None or self.head_loss is None:
+        if self.head_loss is None:
+            assert self.step is not None, f"{self.name}: give step or head_loss"
             return self.step
         return _param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
 
@@ -440,7 +441,6 @@ SPECS: tuple[LossSpec, ...] = (
         name="cosface",
         kind="head",
         ours=f"cosface_loss(scale={COSFACE_SCALE:g}, margin={COSFACE_MARGIN})",
-        step=_param_step(_cosface),
         head_loss=_cosface,
         pml=f"CosFaceLoss(margin={COSFACE_MARGIN}, scale={COSFACE_SCALE:g}, MeanReducer)",
         pml_build=_pml_head(
@@ -458,7 +458,6 @@ SPECS: tuple[LossSpec, ...] = (
         name="arcface",
         kind="head",
         ours=f"arcface_loss(scale={ARCFACE_SCALE:g}, margin={ARCFACE_MARGIN_RAD} rad)",
-        step=_param_step(_arcface),
         head_loss=_arcface,
         pml=f"ArcFaceLoss(margin={math.degrees(ARCFACE_MARGIN_RAD):.4f} degrees, "
         f"scale={ARCFACE_SCALE:g}, MeanReducer)",
@@ -477,7 +476,6 @@ SPECS: tuple[LossSpec, ...] = (
         name="sphereface",
         kind="head",
         ours=f"sphereface_loss(margin={SPHEREFACE_MARGIN}, annealing_lambda=0, scale=None)",
-        step=_param_step(_sphereface),
         head_loss=_sphereface,
         pml=f"SphereFaceLoss(margin={SPHEREFACE_MARGIN}, scale=1, MeanReducer)",
         pml_build=_pml_head(
