@@ -350,9 +350,8 @@ def arcface_loss(
         :func:`combined_margin_loss`).
       weights: optional [B] per-sample weights.
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``.
-      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
-        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
-        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
+      class_block_size: None (default, the dense [B, C] cosines) or classes per block; see
+        :func:`combined_margin_loss`.
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
@@ -399,9 +398,8 @@ def cosface_loss(
       margin: m, a cosine margin; default 0.35 (the paper; also PML).
       weights: optional [B] per-sample weights.
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``.
-      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
-        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
-        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
+      class_block_size: None (default, the dense [B, C] cosines) or classes per block; see
+        :func:`combined_margin_loss`.
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
@@ -488,9 +486,8 @@ def sphereface_loss(
         features and uses s instead. PML's ``SphereFaceLoss(scale=1)`` equals ``scale=None``.
       weights: optional [B] per-sample weights.
       reduction: see :mod:`mlx_jax.reductions`; default ``"mean"``.
-      class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
-        classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
-        O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
+      class_block_size: None (default, the dense [B, C] cosines) or classes per block; see
+        :func:`combined_margin_loss`.
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
