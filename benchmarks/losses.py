@@ -268,13 +268,20 @@ def _pml_pair(make_loss, make_miner=None) -> Callable[[Problem, Torch], PmlCall]
     return build
 
 
-def _pml_head(make_loss) -> Callable[[Problem, Torch], PmlCall]:
+def _pml_head(loss_class: str, **options: float) -> Callable[[Problem, Torch], PmlCall]:
+    """PML's ``losses.<loss_class>`` with a MeanReducer (our heads' "mean"), W copied from ours."""
+
     def build(problem: Problem, t: Torch) -> PmlCall:
         assert problem.params is not None
         dim, classes = problem.params.shape
         with warnings.catch_warnings():  # PML's SphereFace init trips a NumPy 2 deprecation
             warnings.simplefilter("ignore", DeprecationWarning)
-            loss_fn = make_loss(t, classes, dim)
+            loss_fn = getattr(t.losses, loss_class)(
+                num_classes=classes,
+                embedding_size=dim,
+                reducer=t.reducers.MeanReducer(),
+                **options,
+            )
         loss_fn.W.data = t.torch.from_numpy(problem.params.copy())
         emb = t.torch.tensor(problem.x, requires_grad=True)
         labels = t.torch.from_numpy(problem.labels.astype(np.int64))
@@ -443,15 +450,7 @@ SPECS: tuple[LossSpec, ...] = (
         ours=f"cosface_loss(scale={COSFACE_SCALE:g}, margin={COSFACE_MARGIN})",
         head_loss=_cosface,
         pml=f"CosFaceLoss(margin={COSFACE_MARGIN}, scale={COSFACE_SCALE:g}, MeanReducer)",
-        pml_build=_pml_head(
-            lambda t, c, d: t.losses.CosFaceLoss(
-                num_classes=c,
-                embedding_size=d,
-                margin=COSFACE_MARGIN,
-                scale=COSFACE_SCALE,
-                reducer=t.reducers.MeanReducer(),
-            )
-        ),
+        pml_build=_pml_head("CosFaceLoss", margin=COSFACE_MARGIN, scale=COSFACE_SCALE),
         pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
     ),
     LossSpec(
@@ -462,13 +461,7 @@ SPECS: tuple[LossSpec, ...] = (
         pml=f"ArcFaceLoss(margin={math.degrees(ARCFACE_MARGIN_RAD):.4f} degrees, "
         f"scale={ARCFACE_SCALE:g}, MeanReducer)",
         pml_build=_pml_head(
-            lambda t, c, d: t.losses.ArcFaceLoss(
-                num_classes=c,
-                embedding_size=d,
-                margin=math.degrees(ARCFACE_MARGIN_RAD),
-                scale=ARCFACE_SCALE,
-                reducer=t.reducers.MeanReducer(),
-            )
+            "ArcFaceLoss", margin=math.degrees(ARCFACE_MARGIN_RAD), scale=ARCFACE_SCALE
         ),
         pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
     ),
@@ -478,15 +471,7 @@ SPECS: tuple[LossSpec, ...] = (
         ours=f"sphereface_loss(margin={SPHEREFACE_MARGIN}, annealing_lambda=0, scale=None)",
         head_loss=_sphereface,
         pml=f"SphereFaceLoss(margin={SPHEREFACE_MARGIN}, scale=1, MeanReducer)",
-        pml_build=_pml_head(
-            lambda t, c, d: t.losses.SphereFaceLoss(
-                num_classes=c,
-                embedding_size=d,
-                margin=SPHEREFACE_MARGIN,
-                scale=1,
-                reducer=t.reducers.MeanReducer(),
-            )
-        ),
+        pml_build=_pml_head("SphereFaceLoss", margin=SPHEREFACE_MARGIN, scale=1),
         pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
     ),
     LossSpec(
