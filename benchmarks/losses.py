@@ -316,7 +316,7 @@ def _pml_semihard_bytes(batch: int, per_class: int) -> float:
     return cube + 100.0 * triplets + 30.0 * batch * batch
 
 
-def _pml_head_bytes(batch: int, dim: int, classes: int) -> float:
+def _pml_head_bytes(batch: int, dim: int, classes: int, per_class: int) -> float:
     # ~12 float32 [B, C] tensors (cosines, float mask, logits, softmax, their gradients) + W grad.
     return 48.0 * batch * classes + 8.0 * dim * classes
 
@@ -451,7 +451,7 @@ SPECS: tuple[LossSpec, ...] = (
         head_loss=_cosface,
         pml=f"CosFaceLoss(margin={COSFACE_MARGIN}, scale={COSFACE_SCALE:g}, MeanReducer)",
         pml_build=_pml_head("CosFaceLoss", margin=COSFACE_MARGIN, scale=COSFACE_SCALE),
-        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
+        pml_bytes=_pml_head_bytes,
     ),
     LossSpec(
         name="arcface",
@@ -463,7 +463,7 @@ SPECS: tuple[LossSpec, ...] = (
         pml_build=_pml_head(
             "ArcFaceLoss", margin=math.degrees(ARCFACE_MARGIN_RAD), scale=ARCFACE_SCALE
         ),
-        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
+        pml_bytes=_pml_head_bytes,
     ),
     LossSpec(
         name="sphereface",
@@ -472,7 +472,7 @@ SPECS: tuple[LossSpec, ...] = (
         head_loss=_sphereface,
         pml=f"SphereFaceLoss(margin={SPHEREFACE_MARGIN}, scale=1, MeanReducer)",
         pml_build=_pml_head("SphereFaceLoss", margin=SPHEREFACE_MARGIN, scale=1),
-        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, c),
+        pml_bytes=_pml_head_bytes,
     ),
     LossSpec(
         name="center",
