@@ -20,6 +20,8 @@ What one timed call is
   ``x @ centers.T`` for the center losses. A fused fwd+bwd needs at least two such matmuls
   for the pair losses (x·xᵀ and G·x) and three for the class heads (x·W, G·Wᵀ and xᵀ·G), so
   ``ours/floor`` ≈ 2 (pairs) or ≈ 3 (heads) is the matmul bound.
+  ``--block-size dense|auto|N`` passes ``block_size`` to the pair losses (default: each loss's
+  own default — ``"auto"`` for the triplet losses, dense for contrastive and circle).
   ``--class-block-size N`` times the class heads with ``class_block_size=N``
   (:mod:`mlx_jax.losses.class_blocks`: no [B, C] array, one more matmul to recompute each
   block's cosines in the backward pass, so ≈ 4).
@@ -190,6 +192,30 @@ def make_problem(
 
 # --------------------------------------------------------------------------------------------
 # Our side: jitted steps
+
+BlockSizeArg = int | str | None  # --block-size: None (each loss's default), "dense", "auto", N
+
+
+def _block_size_arg(text: str) -> int | str:
+    if text in ("dense", "auto"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'dense', 'auto' or an int >= 1, got {text!r}")
+    return value
+
+
+def block_size_options(block_size: BlockSizeArg) -> dict[str, Any]:
+    """The ``block_size`` keyword for a pair loss: none (the loss's default) for None,
+    ``block_size=None`` (dense) for ``"dense"``, else the value as given."""
+    if block_size is None:
+        return {}
+    return {"block_size": None if block_size == "dense" else block_size}
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -333,18 +359,24 @@ class LossSpec:
     name: str
     kind: str  # "pair" (labels only), "head" (W [D, C]), "center" (centers [C, D])
     ours: str  # how ours is called (for the report)
-    step: Callable[..., Any] | None = None  # pair and center losses; heads derive theirs
+    step: Callable[..., Any] | None = None  # center losses; pair losses and heads derive theirs
     pml: str | None = None
     pml_build: Callable[[Problem, Torch], PmlCall] | None = None
     pml_bytes: Callable[[int, int, int, int], float] | None = None  # (B, D, C, per_class)
     head_loss: Callable[..., jax.Array] | None = None  # class heads: loss(x, y, W, **options)
+    pair_loss: Callable[..., jax.Array] | None = None  # pair losses: loss(x, y, **options)
 
-    def step_for(self, class_block_size: int | None) -> Callable[..., Any]:
-        """Our step; class heads with ``class_block_size`` visit the classes in blocks."""
-        if self.head_loss is None:
-            assert self.step is not None, f"{self.name}: give step or head_loss"
-            return self.step
-        return _param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
+    def step_for(
+        self, class_block_size: int | None, block_size: BlockSizeArg = None
+    ) -> Callable[..., Any]:
+        """Our step; class heads with ``class_block_size`` visit the classes in blocks, pair
+        losses get ``block_size`` (see :func:`block_size_options`)."""
+        if self.pair_loss is not None:
+            return _pair_step(functools.partial(self.pair_loss, **block_size_options(block_size)))
+        if self.head_loss is not None:
+            return _param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
+        assert self.step is not None, f"{self.name}: give step, pair_loss or head_loss"
+        return self.step
 
     @property
     def floor(self) -> str:
@@ -367,7 +399,7 @@ def _sphereface(x, y, w, **options):
     )
 
 
-def _contrastive(x, y):
+def _contrastive(x, y, **options):
     return L.contrastive_loss(
         x,
         y,
@@ -376,16 +408,27 @@ def _contrastive(x, y):
         neg_margin=1.0,
         balance="pos_neg",
         reduction="mean_nonzero",
+        **options,
     )
 
 
 def _triplet(mining: str):
-    def loss(x, y):
+    def loss(x, y, **options):
         return L.triplet_loss(
-            x, y, margin=TRIPLET_MARGIN, mining=mining, squared=False, reduction="mean_nonzero"
+            x,
+            y,
+            margin=TRIPLET_MARGIN,
+            mining=mining,
+            squared=False,
+            reduction="mean_nonzero",
+            **options,
         )
 
     return loss
+
+
+def _circle(x, y, **options):
+    return L.circle_loss(x, y, m=CIRCLE_M, gamma=CIRCLE_GAMMA, reduction="mean_nonzero", **options)
 
 
 SPECS: tuple[LossSpec, ...] = (
@@ -394,7 +437,7 @@ SPECS: tuple[LossSpec, ...] = (
         kind="pair",
         ours="contrastive_loss(squared=False, pos_margin=0, neg_margin=1, balance='pos_neg', "
         "reduction='mean_nonzero')",
-        step=_pair_step(_contrastive),
+        pair_loss=_contrastive,
         pml="ContrastiveLoss(pos_margin=0, neg_margin=1, distance=LpDistance(normalize=False))",
         pml_build=_pml_pair(
             lambda t: t.losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0, distance=_lp(t))
@@ -406,7 +449,7 @@ SPECS: tuple[LossSpec, ...] = (
         kind="pair",
         ours=f"triplet_loss(margin={TRIPLET_MARGIN}, mining='batch_hard', squared=False, "
         "reduction='mean_nonzero')",
-        step=_pair_step(_triplet("batch_hard")),
+        pair_loss=_triplet("batch_hard"),
         pml=f"TripletMarginLoss(margin={TRIPLET_MARGIN}) + BatchHardMiner, "
         "LpDistance(normalize=False)",
         pml_build=_pml_pair(
@@ -420,7 +463,7 @@ SPECS: tuple[LossSpec, ...] = (
         kind="pair",
         ours=f"triplet_loss(margin={TRIPLET_MARGIN}, mining='semihard_band', squared=False, "
         "reduction='mean_nonzero')",
-        step=_pair_step(_triplet("semihard_band")),
+        pair_loss=_triplet("semihard_band"),
         pml=f"TripletMarginLoss(margin={TRIPLET_MARGIN}) + TripletMarginMiner(margin="
         f"{TRIPLET_MARGIN}, type_of_triplets='semihard'), LpDistance(normalize=False)",
         pml_build=_pml_pair(
@@ -435,11 +478,7 @@ SPECS: tuple[LossSpec, ...] = (
         name="circle",
         kind="pair",
         ours=f"circle_loss(m={CIRCLE_M}, gamma={CIRCLE_GAMMA:g}, reduction='mean_nonzero')",
-        step=_pair_step(
-            lambda x, y: L.circle_loss(
-                x, y, m=CIRCLE_M, gamma=CIRCLE_GAMMA, reduction="mean_nonzero"
-            )
-        ),
+        pair_loss=_circle,
         pml=f"CircleLoss(m={CIRCLE_M}, gamma={CIRCLE_GAMMA:g})",
         pml_build=_pml_pair(lambda t: t.losses.CircleLoss(m=CIRCLE_M, gamma=CIRCLE_GAMMA)),
         pml_bytes=lambda b, d, c, k: 2.0 * _pml_pairs_bytes(b),
@@ -657,7 +696,7 @@ def bench_one(
     problem = make_problem(spec.kind, batch, dim, classes, args.per_class, args.seed)
     limit = args.max_gb * GIB
     device_args = _device_args(spec, problem)
-    ours = compile_step(spec.step_for(args.class_block_size), device_args)
+    ours = compile_step(spec.step_for(args.class_block_size, args.block_size), device_args)
     row.ours_compile_s = ours.compile_s
     row.ours_xla_memory = ours.memory
     row.ours_xla_bytes = ours.work_bytes if ours.memory else None
@@ -750,7 +789,8 @@ def rss_worker() -> None:
         )
         out: dict[str, Any] = {"index": config["index"]}
         if config["ours"]:
-            ours = compile_step(spec.step_for(job["class_block_size"]), _device_args(spec, problem))
+            step = spec.step_for(job["class_block_size"], job["block_size"])
+            ours = compile_step(step, _device_args(spec, problem))
             ours.run()
             out["ours"] = _peak_rss_delta(ours.run)
             del ours
@@ -784,6 +824,7 @@ def measure_rss(rows: list[Row], args: argparse.Namespace, threads: int, with_pm
         "threads": threads,
         "per_class": args.per_class,
         "class_block_size": args.class_block_size,
+        "block_size": args.block_size,
         "seed": args.seed,
         "pml": with_pml,
     }
@@ -883,6 +924,7 @@ def metadata(
         "seed": args.seed,
         "malloc_tuned": getattr(args, "malloc_tuned", False),
         "class_block_size": args.class_block_size,
+        "block_size": args.block_size or "each loss's default",
         "losses": {
             s.name: {"ours": s.ours, "pml": s.pml, "floor": s.floor}
             for s in SPECS
@@ -993,6 +1035,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="class heads: pass class_block_size (visit the classes in blocks of this many, "
         "no [B, C] array; mlx_jax.losses.class_blocks); default: the dense form",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_block_size_arg,
+        default=None,
+        help="pair losses: block_size to pass ('dense' = None, 'auto', or rows per block; "
+        "mlx_jax.blockwise); default: each loss's own default ('auto' for the triplets, "
+        "dense for contrastive and circle)",
     )
     p.add_argument(
         "--per-class",

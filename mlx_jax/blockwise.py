@@ -18,6 +18,10 @@ A per-row function can mark small results of the forward pass with :func:`keep_f
 (e.g. batch-hard's mined indices, [R] ints): the backward pass then reuses them instead of
 recomputing the block's distances.
 
+``block_size="auto"`` (:func:`resolve_block_size`) picks between the two from the batch size: on
+XLA:CPU, blocks of 2^18 / B rows once B > 2048 (measured in :func:`auto_block_size`); on
+GPU/TPU it stays dense.
+
 When B is not a multiple of ``block_size`` the rows are padded with zero rows to the next
 multiple; the caller gives padding rows zero weight (the row arguments are zero-padded, so a
 weight or ``valid`` argument is 0/False there) and the padded outputs are cut off, so the
@@ -30,7 +34,7 @@ slices of the row arguments; column data (all B samples) are closed over.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,15 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 _KEPT = "mlx_jax_blockwise_kept"
+
+AUTO = "auto"
+BlockSize = int | Literal["auto"] | None
+
+# "auto" on CPU: dense up to B = 2048, above it blocks of ~2^18 / B rows (a 1 MiB float32
+# [rows, B] plane). Measured in auto_block_size's docstring.
+_AUTO_DENSE_BATCH = 2048
+_AUTO_BLOCK_ENTRIES = 1 << 18
+_AUTO_MIN_ROWS = 16
 
 
 def keep_for_backward(x: Any) -> Any:
@@ -47,15 +60,51 @@ def keep_for_backward(x: Any) -> Any:
     return jax.tree_util.tree_map(lambda a: checkpoint_name(a, _KEPT), x)
 
 
-def check_block_size(block_size: int | None, name: str = "block_size") -> int | None:
-    """``block_size`` is None (dense) or a positive Python int (static: it sets shapes)."""
+def check_block_size(
+    block_size: int | None, name: str = "block_size", *, allow_auto: bool = False
+) -> int | None:
+    """``block_size`` is None (dense) or a positive Python int (static: it sets shapes);
+    ``allow_auto`` only changes the message (the caller resolves ``"auto"`` first)."""
     if block_size is None:
         return None
     if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
-        raise TypeError(f"{name} must be None or a positive int (static), got {block_size!r}")
+        expected = "None, 'auto' or a positive int" if allow_auto else "None or a positive int"
+        raise TypeError(f"{name} must be {expected} (static), got {block_size!r}")
     if block_size < 1:
         raise ValueError(f"{name} must be >= 1, got {block_size}")
     return int(block_size)
+
+
+def auto_block_size(batch: int, backend: str | None = None) -> int | None:
+    """Rows per block that ``block_size="auto"`` uses for a batch of ``batch`` rows; None = dense.
+
+    On CPU (``backend``, default ``jax.default_backend()``): dense up to B = 2048; above, the
+    power of two nearest to 2^18 / B rows (a 1 MiB float32 [rows, B] plane; at least 16).
+    On GPU/TPU the dense form is one fused kernel and blocks would serialise it: always dense.
+
+    Measured (``python -m benchmarks.losses --losses triplet_batch_hard triplet_semihard_band
+    --batch 1024 2048 4096 --dim 128 --no-pml --block-size auto|dense``, 2-core AMD EPYC,
+    2026-12-02; BENCHMARKS.md). The answer depends on glibc's malloc. With its defaults (a
+    library user's process) every dense call faults its [B, B] temporaries in afresh, and
+    blocks of 2^18 / B rows were faster at every size: batch-hard 4.3 vs 6.0 ms (B = 1024),
+    13 vs 34 (2048), 51 vs 122 (4096); semi-hard band 28 vs 40, 99 vs 156, 357 vs 603 ms. With
+    freed memory kept mapped (``experiments/allocator.py``, the experiments' setting) dense won
+    up to B = 2048 (band 14 vs 25 ms at 1024, 54 vs 105 at 2048; batch-hard 13 vs 22 at 2048),
+    and at B = 4096 blocks of 64 won the band (344 vs 522 ms) and nearly tied batch-hard (65 vs
+    57 ms). So "auto" blocks only where both settings agree or nearly, B > 2048 — where the
+    dense form's [B, B] arrays also start to cost real memory (64 MiB each at B = 4096).
+    """
+    if (backend or jax.default_backend()) != "cpu" or batch <= _AUTO_DENSE_BATCH:
+        return None
+    rows = 2 ** round(np.log2(_AUTO_BLOCK_ENTRIES / batch))
+    return max(_AUTO_MIN_ROWS, int(rows))
+
+
+def resolve_block_size(block_size: BlockSize, batch: int) -> int | None:
+    """``block_size`` checked, with ``"auto"`` replaced by :func:`auto_block_size`'s choice."""
+    if isinstance(block_size, str) and block_size == AUTO:
+        return auto_block_size(batch)
+    return check_block_size(block_size, allow_auto=True)
 
 
 def runs_dense(block_size: int | None, batch: int) -> bool:

@@ -67,10 +67,15 @@ def assert_same(dense, blocked, rtol=2e-5):
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_large_batch_blockwise_equals_dense(name):
+def test_large_batch_blockwise_equals_dense(name, monkeypatch):
     # B = 2048 with blocks of 300: 7 blocks, the last one padded with 52 weight-0 rows.
     x, y = clustered(2048)
-    assert_same(value_and_grad(name, x, y), value_and_grad(name, x, y, block_size=300))
+    dense = value_and_grad(name, x, y, block_size=None)
+    assert_same(dense, value_and_grad(name, x, y, block_size=300))
+    # "auto" with its dense limit lowered: blocks of 2^18 / 2048 = 128 rows here.
+    monkeypatch.setattr(blockwise, "_AUTO_DENSE_BATCH", 1024)
+    assert blockwise.auto_block_size(2048, backend="cpu") == 128
+    assert_same(dense, value_and_grad(name, x, y, block_size="auto"))
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 5, 13, 64])
@@ -183,6 +188,38 @@ def test_backward_pass_memory_is_per_block(name):
     slots = 8 if name == "triplet_band" else 1
     assert _temp_bytes(name, batch, None) >= matrix
     assert _temp_bytes(name, batch, block) < matrix / 4 * slots
+
+
+def test_auto_block_size_is_dense_up_to_2048_then_1_mib_row_blocks():
+    assert blockwise.auto_block_size(2048, backend="cpu") is None
+    for batch in (2049, 3000, 4096, 8192):
+        rows = blockwise.auto_block_size(batch, backend="cpu")
+        assert rows is not None and rows & (rows - 1) == 0  # a power of two
+        # a [rows, B] float32 plane of 0.7-1.4 MiB: within a factor √2 of 2^18 entries
+        assert 2**17.5 <= rows * batch <= 2**18.5
+    assert blockwise.auto_block_size(1 << 20, backend="cpu") == 16  # the floor on rows
+    # accelerators run the dense form as one fused kernel
+    assert blockwise.auto_block_size(1 << 16, backend="gpu") is None
+    assert blockwise.auto_block_size(1 << 16, backend="tpu") is None
+
+
+def test_triplet_default_is_auto():
+    # On CPU a large batch's default triplet step holds [block, B] arrays, not [B, B] ones.
+    if jax.default_backend() != "cpu":
+        pytest.skip("'auto' is dense off CPU")
+    batch = 4096
+    matrix = 4 * batch * batch
+    x = jax.ShapeDtypeStruct((batch, 16), jnp.float32)
+    y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step = jax.jit(jax.value_and_grad(lambda e, lab: triplet_loss(e, lab, mining="batch_hard")))
+    assert step.lower(x, y).compile().memory_analysis().temp_size_in_bytes < matrix / 4
+    assert _temp_bytes("triplet_batch_hard", batch, None) >= matrix
+
+
+def test_misspelt_auto_lists_the_accepted_values():
+    x, y = random_batch(0)
+    with pytest.raises(TypeError, match="block_size must be None, 'auto' or a positive int"):
+        triplet_loss(x, y, block_size="Auto")
 
 
 def test_distance_rows_are_the_rows_of_the_matrix():

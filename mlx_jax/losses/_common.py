@@ -61,12 +61,16 @@ class Rows(NamedTuple):
 
 
 def map_anchor_rows(
-    fn: Callable[[Rows], Any], batch: Batch, block_size: int | None, *row_args: jax.Array
+    fn: Callable[[Rows], Any],
+    batch: Batch,
+    block_size: blockwise.BlockSize,
+    *row_args: jax.Array,
 ) -> Any:
-    """``fn(rows, *row_args[rows])`` over the batch's anchor rows, dense (``block_size=None``)
-    or in blocks of ``block_size`` rows with O(B·block_size) memory (:mod:`mlx_jax.blockwise`).
+    """``fn(rows, *row_args[rows])`` over the batch's anchor rows, dense (``block_size=None``),
+    in blocks of ``block_size`` rows with O(B·block_size) memory, or ``"auto"``: chosen from B
+    (:func:`mlx_jax.blockwise.auto_block_size`).
     ``fn`` returns a pytree of [R, ...] arrays; the result has leading dimension B."""
-
+    block_size = blockwise.resolve_block_size(block_size, batch.embeddings.shape[0])
     every_row = blockwise.runs_dense(block_size, batch.embeddings.shape[0])
 
     def call(index, x, labels, weights, *extra):

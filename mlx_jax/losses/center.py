@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks, reductions
+from mlx_jax import _checks, blockwise, reductions
 from mlx_jax.distances import squared_euclidean
 from mlx_jax.losses._common import Batch, Rows, map_anchor_rows, prepare_batch
 
@@ -75,7 +75,7 @@ def standalone_center_loss(
     eps: float = LOG_EPS,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
-    block_size: int | None = None,
+    block_size: blockwise.BlockSize = None,
 ) -> jax.Array:
     """Standalone center loss (seed 001, "standalone-center-loss"; no softmax)::
 
@@ -100,7 +100,8 @@ def standalone_center_loss(
         ``"mean_nonzero"``: the l_i can be negative, so "non-zero" has no meaning here.
       block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
         the inter term over blocks of ``block_size`` rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`), same value.
+        forward and backward pass (:mod:`mlx_jax.blockwise`), same value; ``"auto"``
+        chooses from B (:func:`mlx_jax.blockwise.auto_block_size`).
 
     Returns:
       scalar in the compute dtype (at least float32), [B] for ``reduction="none"``.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks, reductions
+from mlx_jax import _checks, blockwise, reductions
 from mlx_jax.distances import l2_normalize
 from mlx_jax.losses._common import Rows, map_anchor_rows, prepare_batch
 
@@ -31,7 +31,7 @@ def circle_loss(
     gamma: float = 256.0,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
-    block_size: int | None = None,
+    block_size: blockwise.BlockSize = None,
 ) -> jax.Array:
     """Circle loss with class-level labels, each batch sample in turn the anchor.
 
@@ -65,7 +65,8 @@ def circle_loss(
         per-anchor weighted losses (0 for anchors without a term).
       block_size: None (default) builds the [B, B] similarity matrix at once; an int evaluates
         the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`), same value.
+        forward and backward pass (:mod:`mlx_jax.blockwise`), same value; ``"auto"``
+        chooses from B (:func:`mlx_jax.blockwise.auto_block_size`).
 
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).

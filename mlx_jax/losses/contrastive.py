@@ -7,7 +7,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks, reductions
+from mlx_jax import _checks, blockwise, reductions
 from mlx_jax.distances import safe_sqrt
 from mlx_jax.losses._common import Rows, map_anchor_rows, pair_rows, prepare_batch, reduce_pair_rows
 
@@ -23,7 +23,7 @@ def contrastive_loss(
     balance: Literal["pairs", "pos_neg"] = "pairs",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
-    block_size: int | None = None,
+    block_size: blockwise.BlockSize = None,
 ) -> jax.Array:
     """Contrastive loss over every ordered pair (i, j), i != j, of the batch.
 
@@ -54,7 +54,8 @@ def contrastive_loss(
         ``"none"`` returns the [B, B] matrix of weighted pair losses.
       block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
         the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`), same value.
+        forward and backward pass (:mod:`mlx_jax.blockwise`), same value; ``"auto"``
+        chooses from B (:func:`mlx_jax.blockwise.auto_block_size`).
 
     Returns:
       float32 scalar (or [B, B] for ``reduction="none"``).

@@ -41,7 +41,7 @@ def triplet_loss(
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     max_positives: int | None = DEFAULT_MAX_POSITIVES,
-    block_size: int | None = None,
+    block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
     """Triplet loss over triplets mined online from the batch (Schroff et al. 2015, Eq. 1/2).
 
@@ -95,10 +95,13 @@ def triplet_loss(
       max_positives: static bound on positives per anchor for the sort-free path (default 7:
         batches with up to 8 samples per class, our choice for PK sampling); larger classes
         or None → the sort-based path. Not used by ``"batch_hard"``.
-      block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
-        the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`; times ``max_positives + 1`` for
-        the sort-free path), same value.
+      block_size: None builds the [B, B] distance matrix at once; an int evaluates the loss
+        over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the forward
+        and backward pass (:mod:`mlx_jax.blockwise`; times ``max_positives + 1`` for the
+        sort-free path), same value. ``"auto"`` (default): dense up to B = 2048, blocks of
+        2^18 / B rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`:
+        at B = 4096 the semi-hard band 1.5× faster than dense, batch-hard 2.4× with glibc's
+        default malloc).
 
     Returns:
       float32 scalar (or the per-term array described above for ``reduction="none"``).
