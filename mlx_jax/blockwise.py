@@ -82,17 +82,17 @@ def auto_block_size(batch: int, backend: str | None = None) -> int | None:
     power of two nearest to 2^18 / B rows (a 1 MiB float32 [rows, B] plane; at least 16).
     On GPU/TPU the dense form is one fused kernel and blocks would serialise it: always dense.
 
-    Measured (``python -m benchmarks.losses --losses triplet_batch_hard triplet_semihard_band
-    --batch 1024 2048 4096 --dim 128 --no-pml --block-size auto|dense``, 2-core AMD EPYC,
-    2026-12-02; BENCHMARKS.md). The answer depends on glibc's malloc. With its defaults (a
-    library user's process) every dense call faults its [B, B] temporaries in afresh, and
-    blocks of 2^18 / B rows were faster at every size: batch-hard 4.3 vs 6.0 ms (B = 1024),
-    13 vs 34 (2048), 51 vs 122 (4096); semi-hard band 28 vs 40, 99 vs 156, 357 vs 603 ms. With
-    freed memory kept mapped (``experiments/allocator.py``, the experiments' setting) dense won
-    up to B = 2048 (band 14 vs 25 ms at 1024, 54 vs 105 at 2048; batch-hard 13 vs 22 at 2048),
-    and at B = 4096 blocks of 64 won the band (344 vs 522 ms) and nearly tied batch-hard (65 vs
-    57 ms). So "auto" blocks only where both settings agree or nearly, B > 2048 — where the
-    dense form's [B, B] arrays also start to cost real memory (64 MiB each at B = 4096).
+    Why (``python -m benchmarks.losses --losses triplet_batch_hard triplet_semihard_band
+    --block-size auto|dense``, 2-core AMD EPYC, 2026-12-02; BENCHMARKS.md, "Row blocks"): above
+    B = 2048 the dense form's temporaries get large — at B = 4096 148 MiB for batch-hard and
+    1.25 GiB for the semi-hard band, against 14 and 36 MiB in blocks of 64 rows. Speed depends
+    on glibc's malloc. With its defaults (a library user's process) every dense call faults its
+    temporaries in afresh and blocks were faster at D = 128: batch-hard 51 vs 122 ms, band 357
+    vs 603 ms at B = 4096 (and 13 vs 34, 99 vs 156 ms at B = 2048). With freed memory kept
+    mapped (``experiments/allocator.py``, the benchmarks' and experiments' setting) dense was
+    faster up to B = 2048 (band 54 vs 105 ms) and at B = 4096 blocks won the band at D = 128
+    (445 vs 555 ms) but lost batch-hard (70 vs 55 ms) and D = 512 (175 vs 114, 948 vs 618 ms):
+    pass ``block_size=None`` for the dense form where memory is no concern.
     """
     if (backend or jax.default_backend()) != "cpu" or batch <= _AUTO_DENSE_BATCH:
         return None
