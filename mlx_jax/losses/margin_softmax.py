@@ -6,9 +6,8 @@ With embeddings x [B, D] and class weights W [D, C], every loss here works on th
 
 (one matmul at ``Precision.HIGHEST``; zero vectors are normalized with an eps, so they have
 cosine 0 to everything and finite gradients). Each loss replaces the *target* logit (j = y_i)
-with a penalized one and applies softmax cross-entropy (:func:`margin_cross_entropy` for a fixed
-scale: a hand-written VJP, so reverse-mode gradients only — ``jax.grad``/``jax.vjp``, not
-``jax.jvp``):
+with a penalized one and applies softmax cross-entropy (:func:`margin_cross_entropy`: a hand-written
+VJP, so reverse-mode gradients only — ``jax.grad``/``jax.vjp``, not ``jax.jvp``):
 
 * ArcFace (Deng et al. 2019): s·cos(θ_y + m)
 * CosFace / AM-Softmax (Wang et al. 2018): s·(cos θ_y − m)
@@ -31,7 +30,6 @@ loss, not rounding — but it stays finite.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Literal
@@ -45,7 +43,7 @@ from mlx_jax.blockwise import check_block_size
 from mlx_jax.distances import HIGHEST, l2_normalize, safe_sqrt
 from mlx_jax.losses import class_blocks
 from mlx_jax.losses._common import prepare_batch
-from mlx_jax.losses.softmax import cross_entropy_terms, take_target, target_mask
+from mlx_jax.losses.softmax import take_target, target_mask
 
 __all__ = [
     "arcface_loss",
@@ -89,26 +87,6 @@ def _is_exactly(value, target: float) -> bool:
     return _checks._is_concrete(value) and np.ndim(value) == 0 and float(value) == target
 
 
-def _reduce_margin_loss(
-    cosines: jax.Array,
-    target_cosine: jax.Array,
-    labels: jax.Array,
-    row_scale,
-    weights: jax.Array,
-    reduction: str,
-) -> jax.Array:
-    """Cross-entropy of ``row_scale · cos`` with the target cosine replaced by
-    ``target_cosine`` [B], weighted and reduced. A fixed scale (a Python number, the usual
-    s = 64) takes :func:`margin_cross_entropy`'s hand-written VJP; an array scale (SphereFace's
-    per-sample ‖x‖, or a traced scalar) plain autodiff."""
-    if isinstance(row_scale, numbers.Real) and not isinstance(row_scale, bool):
-        terms = margin_cross_entropy(cosines, target_cosine, labels, float(row_scale))
-    else:
-        _, replaced = _replace_target(cosines, target_cosine, labels)
-        terms = cross_entropy_terms(row_scale * replaced, labels)
-    return reductions.reduce_weighted(terms, weights, reduction)
-
-
 def _margin_head_loss(
     x: jax.Array,
     labels: jax.Array,
@@ -120,44 +98,48 @@ def _margin_head_loss(
     class_block_size: int | None,
 ) -> jax.Array:
     """The loss of every head here: cosines, the target cosine replaced by
-    ``penalize(cos θ_y)`` [B], softmax cross-entropy at ``row_scale`` (a number or [B, 1]).
+    ``penalize(cos θ_y)`` [B], softmax cross-entropy at ``row_scale`` (a number — the usual
+    fixed s — or a [B, 1] array such as SphereFace's ‖x‖; gradients flow into an array).
 
-    Dense (one [B, C] cosine matrix) unless ``class_block_size`` < C, where
-    :func:`mlx_jax.losses.class_blocks.blockwise_margin_cross_entropy` visits the classes in
-    blocks and no [B, C] array is formed (same value and gradients)."""
+    Dense (one [B, C] cosine matrix, :func:`margin_cross_entropy`) unless ``class_block_size``
+    < C, where :func:`mlx_jax.losses.class_blocks.blockwise_margin_cross_entropy` visits the
+    classes in blocks and no [B, C] array is formed (same value and gradients)."""
+    scale = jnp.broadcast_to(jnp.asarray(row_scale, x.dtype).reshape(-1), labels.shape)
     if class_block_size is None or class_block_size >= w.shape[1]:
         cosines = _cosines(x, w)
         target = penalize(take_target(cosines, labels))
-        return _reduce_margin_loss(cosines, target, labels, row_scale, weights, reduction)
-    x_hat, w_hat = l2_normalize(x, axis=1), l2_normalize(w, axis=0)
-    target = penalize(class_blocks.target_cosines(x_hat, w_hat, labels))
-    scale = jnp.broadcast_to(jnp.asarray(row_scale, x.dtype).reshape(-1), labels.shape)
-    terms = class_blocks.blockwise_margin_cross_entropy(
-        x_hat, w_hat, target, labels, scale, class_block_size
-    )
+        terms = margin_cross_entropy(cosines, target, labels, scale)
+    else:
+        x_hat, w_hat = l2_normalize(x, axis=1), l2_normalize(w, axis=0)
+        target = penalize(class_blocks.target_cosines(x_hat, w_hat, labels))
+        terms = class_blocks.blockwise_margin_cross_entropy(
+            x_hat, w_hat, target, labels, scale, class_block_size
+        )
     return reductions.reduce_weighted(terms, weights, reduction)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@jax.custom_vjp
 def margin_cross_entropy(
-    cosines: jax.Array, target_cosine: jax.Array, labels: jax.Array, scale: float
+    cosines: jax.Array, target_cosine: jax.Array, labels: jax.Array, row_scale: jax.Array
 ) -> jax.Array:
-    """Per-sample softmax cross-entropy [B] of the logits z_ij = s · (t_i if j = y_i else
-    cos_ij): ``logsumexp_j z_ij − s·t_i`` (NaN for a label outside ``[0, C)``, as
+    """Per-sample softmax cross-entropy [B] of the logits z_ij = s_i · (t_i if j = y_i else
+    cos_ij): ``logsumexp_j z_ij − s_i·t_i`` (NaN for a label outside ``[0, C)``, as
     :func:`~mlx_jax.losses.softmax.cross_entropy_terms`).
 
-    Args: ``cosines`` [B, C], ``target_cosine`` t [B], ``labels`` [B] int, ``scale`` s: a
-    Python float (static).
+    Args: ``cosines`` [B, C], ``target_cosine`` t [B], ``labels`` [B] int, ``row_scale`` s [B]
+    (a fixed scale broadcast, or SphereFace's ‖x_i‖; differentiable).
 
     Same value and gradients as autodiff of the plain expression, with a hand-written VJP
     because at large C the [B, C] passes, not the matmuls, dominate: the softmax gradient is
     formed in one fused pass from the saved log-normalizer, and the target entries' gradient
     goes to ``target_cosine`` as a [B] vector rather than through a [B, C] select. Measured
     on the 2-core dev CPU at B=1024, D=128, C=100,000: CosFace fwd+bwd 723 → 408 ms, XLA
-    temporaries 1,223 → 832 MiB (BENCHMARKS.md).
-    Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it raises.
+    temporaries 1,223 → 832 MiB (BENCHMARKS.md). The gradient w.r.t. ``row_scale``,
+    ∂L_i/∂s_i = Σ_j p_ij·(z_ij / s_i) − t_i, is one more [B, C] reduction, which XLA drops when
+    the scale is a constant. Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it
+    raises.
     """
-    return _margin_cross_entropy_forward(cosines, target_cosine, labels, scale)[0]
+    return _margin_cross_entropy_forward(cosines, target_cosine, labels, row_scale)[0]
 
 
 def _replace_target(cosines, target_cosine, labels):
@@ -165,21 +147,23 @@ def _replace_target(cosines, target_cosine, labels):
     return mask, jnp.where(mask, target_cosine[:, None], cosines)
 
 
-def _margin_cross_entropy_forward(cosines, target_cosine, labels, scale):
+def _margin_cross_entropy_forward(cosines, target_cosine, labels, row_scale):
     _, replaced = _replace_target(cosines, target_cosine, labels)
-    log_normalizer = jax.nn.logsumexp(scale * replaced, axis=1)
-    terms = log_normalizer - scale * target_cosine
-    return terms, (cosines, target_cosine, labels, log_normalizer)
+    log_normalizer = jax.nn.logsumexp(row_scale[:, None] * replaced, axis=1)
+    terms = log_normalizer - row_scale * target_cosine
+    return terms, (cosines, target_cosine, labels, row_scale, log_normalizer)
 
 
-def _margin_cross_entropy_backward(scale, residuals, g):
-    cosines, target_cosine, labels, log_normalizer = residuals
+def _margin_cross_entropy_backward(residuals, g):
+    cosines, target_cosine, labels, row_scale, log_normalizer = residuals
     mask, replaced = _replace_target(cosines, target_cosine, labels)
-    probability = jnp.exp(scale * replaced - log_normalizer[:, None])
-    d_cosines = jnp.where(mask, 0.0, (scale * g)[:, None] * probability)
-    target_probability = jnp.exp(scale * target_cosine - log_normalizer)
-    d_target = scale * g * (target_probability - 1.0)
-    return d_cosines, d_target, None
+    probability = jnp.exp(row_scale[:, None] * replaced - log_normalizer[:, None])
+    scaled_g = row_scale * g
+    d_cosines = jnp.where(mask, 0.0, scaled_g[:, None] * probability)
+    target_probability = jnp.exp(row_scale * target_cosine - log_normalizer)
+    d_target = scaled_g * (target_probability - 1.0)
+    d_scale = g * (jnp.sum(probability * replaced, axis=1) - target_cosine)
+    return d_cosines, d_target, None, d_scale
 
 
 margin_cross_entropy.defvjp(_margin_cross_entropy_forward, _margin_cross_entropy_backward)
