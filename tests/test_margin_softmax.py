@@ -15,6 +15,7 @@ from mlx_jax.losses.margin_softmax import (
     combined_margin_loss,
     cosface_loss,
     cosine_logits,
+    margin_cross_entropy,
     sphereface_lambda,
     sphereface_loss,
 )
@@ -492,8 +493,6 @@ def test_integral_float_sphereface_margin_and_m2_range():
 def test_margin_cross_entropy_vjp_equals_autodiff_with_a_per_sample_scale():
     """The dense heads' hand-written VJP against autodiff of the plain expression, w.r.t. the
     cosines, the target cosines and a per-sample scale (SphereFace's ‖x‖ path)."""
-    from mlx_jax.losses.margin_softmax import margin_cross_entropy
-
     rng = np.random.default_rng(3)
     batch, classes = 6, 9
     labels = np.arange(batch) % classes

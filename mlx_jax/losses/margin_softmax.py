@@ -135,9 +135,8 @@ def margin_cross_entropy(
     goes to ``target_cosine`` as a [B] vector rather than through a [B, C] select. Measured
     on the 2-core dev CPU at B=1024, D=128, C=100,000: CosFace fwd+bwd 723 → 408 ms, XLA
     temporaries 1,223 → 832 MiB (BENCHMARKS.md). The gradient w.r.t. ``row_scale``,
-    ∂L_i/∂s_i = Σ_j p_ij·(z_ij / s_i) − t_i, is one more [B, C] reduction, which XLA drops when
-    the scale is a constant. Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it
-    raises.
+    ∂L_i/∂s_i = Σ_j p_ij·(z_ij / s_i) − t_i, is one more [B, C] reduction.
+    Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it raises.
     """
     return _margin_cross_entropy_forward(cosines, target_cosine, labels, row_scale)[0]
 
