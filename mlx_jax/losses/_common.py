@@ -11,6 +11,29 @@ import jax.numpy as jnp
 from mlx_jax import _checks, blockwise, distances, mining, reductions
 
 
+def match_varying_axes(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Casts every array to vary over each ``shard_map`` axis that any of them varies over.
+
+    A ``jax.custom_vjp`` backward must return each cotangent with its input's varying axes; an
+    input that is the same on every device (a fixed scale, replicated class weights) combined
+    with sharded rows would get a varying cotangent and shard_map rejects it. Casting first
+    (``lax.pcast(..., to="varying")``) is what JAX's own autodiff inserts: its transpose sums
+    the cotangent over the axis — the exact gradient of a replicated input. Outside shard_map
+    (no varying axes) the arrays come back unchanged.
+    """
+    varying = [_varying_axes(a) for a in arrays]
+    axes = frozenset().union(*varying)
+    return tuple(
+        jax.lax.pcast(a, tuple(sorted(axes - own)), to="varying") if axes - own else a
+        for a, own in zip(arrays, varying, strict=True)
+    )
+
+
+def _varying_axes(array: jax.Array) -> frozenset[str]:
+    """The shard_map axes ``array`` varies over (empty outside shard_map)."""
+    return frozenset(jax.typeof(array).manual_axis_type.varying)
+
+
 class Batch(NamedTuple):
     """A checked batch: embeddings [B, D] in compute dtype, labels [B] int, weights [B] float,
     valid [B] bool (weight > 0)."""

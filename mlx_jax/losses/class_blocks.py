@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax.distances import HIGHEST
+from mlx_jax.losses._common import match_varying_axes
 
 __all__ = ["blockwise_margin_cross_entropy", "target_cosines"]
 
@@ -59,7 +60,6 @@ def _tile(x_hat, w_block, target_cosine, labels, start, num_classes):
     return jnp.where(is_target, target_cosine[:, None], cosines), is_target, valid
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def blockwise_margin_cross_entropy(
     x_hat: jax.Array,
     w_hat: jax.Array,
@@ -81,8 +81,19 @@ def blockwise_margin_cross_entropy(
 
     Returns:
       [B] ``logsumexp_j z_ij − s_i·t_i`` in the dtype of ``x_hat``; gradients flow to
-      ``x_hat``, ``w_hat``, ``target_cosine`` and ``row_scale``.
+      ``x_hat``, ``w_hat``, ``target_cosine`` and ``row_scale`` (inside ``shard_map``, a
+      replicated one's summed over the axis: :func:`~mlx_jax.losses._common.match_varying_axes`).
     """
+    x_hat, w_hat, target_cosine, labels, row_scale = match_varying_axes(
+        x_hat, w_hat, target_cosine, labels, row_scale
+    )
+    return _blockwise_margin_cross_entropy(
+        x_hat, w_hat, target_cosine, labels, row_scale, block_size
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise_margin_cross_entropy(x_hat, w_hat, target_cosine, labels, row_scale, block_size):
     return _forward(x_hat, w_hat, target_cosine, labels, row_scale, block_size)[0]
 
 
@@ -103,8 +114,8 @@ def _forward(x_hat, w_hat, target_cosine, labels, row_scale, block_size):
         new_sum = rescaled + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
         return (new_max, new_sum), None
 
-    batch = x_hat.shape[0]
-    start = (jnp.full((batch,), -jnp.inf, x_hat.dtype), jnp.zeros((batch,), x_hat.dtype))
+    # *_like keeps the rows' shard_map varying axes, which scan requires of its carry
+    start = (jnp.full_like(target_cosine, -jnp.inf), jnp.zeros_like(target_cosine))
     indices = jnp.arange(blocks.shape[0])
     (row_max, row_sum), _ = jax.lax.scan(step, start, (indices, blocks))
     log_normalizer = row_max + jnp.log(row_sum)
@@ -144,4 +155,4 @@ def _backward(block_size, residuals, g):
     return d_x, d_w, d_target, None, d_scale
 
 
-blockwise_margin_cross_entropy.defvjp(_forward, _backward)
+_blockwise_margin_cross_entropy.defvjp(_forward, _backward)

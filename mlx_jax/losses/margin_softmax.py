@@ -42,7 +42,7 @@ from mlx_jax import _checks, reductions
 from mlx_jax.blockwise import check_block_size
 from mlx_jax.distances import HIGHEST, l2_normalize, safe_sqrt
 from mlx_jax.losses import class_blocks
-from mlx_jax.losses._common import prepare_batch
+from mlx_jax.losses._common import match_varying_axes, prepare_batch
 from mlx_jax.losses.softmax import take_target, target_mask
 
 __all__ = [
@@ -118,7 +118,6 @@ def _margin_head_loss(
     return reductions.reduce_weighted(terms, weights, reduction)
 
 
-@jax.custom_vjp
 def margin_cross_entropy(
     cosines: jax.Array, target_cosine: jax.Array, labels: jax.Array, row_scale: jax.Array
 ) -> jax.Array:
@@ -136,8 +135,18 @@ def margin_cross_entropy(
     on the 2-core dev CPU at B=1024, D=128, C=100,000: CosFace fwd+bwd 723 → 408 ms, XLA
     temporaries 1,223 → 832 MiB (BENCHMARKS.md). The gradient w.r.t. ``row_scale``,
     ∂L_i/∂s_i = Σ_j p_ij·(z_ij / s_i) − t_i, is one more [B, C] reduction.
-    Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it raises.
+    Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it raises. Inside
+    ``shard_map`` a replicated input (e.g. a fixed scale) gets its cotangent summed over the
+    axis (:func:`~mlx_jax.losses._common.match_varying_axes`).
     """
+    cosines, target_cosine, labels, row_scale = match_varying_axes(
+        cosines, target_cosine, labels, row_scale
+    )
+    return _margin_cross_entropy(cosines, target_cosine, labels, row_scale)
+
+
+@jax.custom_vjp
+def _margin_cross_entropy(cosines, target_cosine, labels, row_scale):
     return _margin_cross_entropy_forward(cosines, target_cosine, labels, row_scale)[0]
 
 
@@ -165,7 +174,7 @@ def _margin_cross_entropy_backward(residuals, g):
     return d_cosines, d_target, None, d_scale
 
 
-margin_cross_entropy.defvjp(_margin_cross_entropy_forward, _margin_cross_entropy_backward)
+_margin_cross_entropy.defvjp(_margin_cross_entropy_forward, _margin_cross_entropy_backward)
 
 
 def _check_margins(m1, m2, m3, scale, boundary: str, reduction: str) -> None:

@@ -55,7 +55,13 @@ def _state(seed: int = 1):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(C, D)).astype(np.float32)
     class_weights = rng.normal(size=(D, C)).astype(np.float32)
-    return {"centers": centers, "class_weights": class_weights}
+    return {"centers": centers, "class_weights": class_weights, "scale": np.float32(8.0)}
+
+
+def _cosface_learned_scale(x, y, class_weights, scale, **hyper):
+    """CosFace with its scale s as a trained, replicated parameter: its gradient is a sum over
+    every device's samples."""
+    return L.cosface_loss(x, y, class_weights, scale=scale, **hyper)
 
 
 # (name, loss, state keys, hyperparameters, per_sample)
@@ -82,6 +88,17 @@ CASES = [
         L.arcface_loss,
         ("class_weights",),
         {"reduction": "mean_nonzero"},
+        True,
+    ),
+    # The heads' hand-written VJPs get replicated inputs (the fixed scale, class weights).
+    ("arcface_class_blocks", L.arcface_loss, ("class_weights",), {"class_block_size": 4}, True),
+    ("sphereface_per_sample", L.sphereface_loss, ("class_weights",), {}, True),
+    ("cosface_learned_scale", _cosface_learned_scale, ("class_weights", "scale"), {}, True),
+    (
+        "cosface_learned_scale_blocks",
+        _cosface_learned_scale,
+        ("class_weights", "scale"),
+        {"class_block_size": 3},
         True,
     ),
 ]
