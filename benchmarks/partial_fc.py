@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments.cpu_devices import virtual_devices_env
+
 MIB = 2**20
 GIB = 2**30
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -75,16 +77,6 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _device_env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["JAX_NUM_CPU_DEVICES"] = str(devices)
-    count_flag = "--xla_force_host_platform_device_count"
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count_flag)]
-    env["XLA_FLAGS"] = " ".join([*flags, f"{count_flag}={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 # --------------------------------------------------------------------------------------------
 # Worker: one mode, in its own process
 # --------------------------------------------------------------------------------------------
@@ -94,7 +86,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """Builds, compiles and times the step of ``mode`` ("sharded" or "unsharded")."""
     if "jax" in sys.modules:  # the device count is fixed when jax starts
         raise RuntimeError("run_mode must run in a fresh process (jax is already imported)")
-    os.environ.update(_device_env(args.devices))
+    os.environ.update(virtual_devices_env(args.devices))
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -226,7 +218,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 def _run_worker(argv: Sequence[str], mode: str, devices: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.partial_fc", *argv, "--worker", mode]
     done = subprocess.run(
-        command, env=_device_env(devices), capture_output=True, text=True, check=False
+        command, env=virtual_devices_env(devices), capture_output=True, text=True, check=False
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:

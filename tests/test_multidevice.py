@@ -5,21 +5,18 @@ process (where jax already runs on one CPU device)."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
+
+from experiments.cpu_devices import virtual_devices_env
 
 MULTIDEVICE_DIR = pathlib.Path(__file__).parent / "multidevice"
 
 
 def test_multidevice_suite_passes_on_8_virtual_cpu_devices():
-    env = dict(os.environ)
-    env["JAX_NUM_CPU_DEVICES"] = "8"
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    # 8 devices on the 2 CI cores: the collective timeout keeps a starved one from aborting.
+    env = virtual_devices_env(8)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(MULTIDEVICE_DIR)],
         env=env,
