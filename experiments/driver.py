@@ -119,7 +119,11 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         help="linear warm-up length before cosine decay to 0",
     )
     p.add_argument(
-        "--clip-norm", type=float, default=5.0, help="clip gradients to this global norm"
+        "--clip-norm",
+        type=float,
+        default=5.0,
+        help="clip gradients to this global norm; each epoch's metrics give the mean norm "
+        "before clipping (grad_norm) and the share of steps clipped (clipped_fraction)",
     )
     p.add_argument(
         "--augment",
@@ -254,6 +258,8 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(f"error: --max-shift must be >= 0, got {args.max_shift}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
+    if not args.clip_norm > 0:  # also refuses NaN
+        raise SystemExit(f"error: --clip-norm must be > 0, got {args.clip_norm}")
     if args.devices is not None:
         _check_devices(args.devices, args.batch_size, "--devices")
     if args.open_set is not None and args.open_set < 2:
@@ -451,6 +457,10 @@ def initial_state(graph, objective: Objective) -> TrainState:
 def make_train_step(cfg: Config, graphdef):
     """The jitted step ``(state, images, labels, order, index) -> (state, stats)``.
 
+    ``stats`` is a [5] float32 vector, zero where the step was skipped (non-finite): the loss,
+    the batch's correct predictions (NaN without a scorer), whether the step was applied, the
+    global gradient norm before clipping, and whether clipping scaled it down.
+
     With more than one device (``--devices``) the step body runs under ``jax.shard_map`` over a
     1-D ``"data"`` mesh (:mod:`mlx_jax.parallel`): each device embeds its batch_size/N images,
     the loss terms see the all-gathered global batch (every device evaluates them; ``pmean``
@@ -480,7 +490,8 @@ def make_train_step(cfg: Config, graphdef):
         if alpha_centers:
             model.centers.update(features, y, cfg.loss_config.alpha, axis_name=axis)
         new_graph = nnx.state((model, optimizer))
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        grad_norm = optax.tree.norm(grads)  # before clipping: how hard --clip-norm bites
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         ok = finite & ~state.health.diverged
         graph = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_graph, state.graph)
         h = state.health
@@ -491,7 +502,15 @@ def make_train_step(cfg: Config, graphdef):
             last_terms={k: jnp.where(ok, terms[k], h.last_terms[k]) for k in h.last_terms},
         )
         correct = parallel.sum_over_devices(_batch_correct(objective, model, features, y), axis)
-        stats = jnp.stack([jnp.where(ok, loss, 0.0), correct, ok.astype(jnp.float32)])
+        stats = jnp.stack(
+            [
+                jnp.where(ok, loss, 0.0),
+                correct,
+                ok.astype(jnp.float32),
+                jnp.where(ok, grad_norm, 0.0),
+                (ok & (grad_norm > cfg.clip_norm)).astype(jnp.float32),
+            ]
+        )
         return TrainState(graph=graph, step=state.step + ok, health=health), stats
 
     if axis is not None:
@@ -613,6 +632,8 @@ def _summary_table(rows: list[dict]) -> str:
         "precision_at_1",
         "map_at_r",
         "intra_inter_ratio",
+        "grad_norm",
+        "clipped_fraction",
         "open_precision_at_1",
         "open_map_at_r",
         "open_val_at_far",
@@ -724,7 +745,7 @@ def run(cfg: Config) -> dict:
             return {"stopped_after": epoch - 1, "history": history}
         t0 = time.time()
         order = place_on_devices(cfg, _epoch_order(cfg, dataset.train_labels, epoch, steps))
-        totals = jnp.zeros(3)
+        totals = jnp.zeros(5)
         bar = tqdm(
             range(steps),
             desc=f"epoch {epoch}/{cfg.epochs}",
@@ -736,7 +757,7 @@ def run(cfg: Config) -> dict:
             state, stats = train_step(state, images, labels, order, i)
             totals = totals + stats
             if (i + 1) % cfg.progress_every == 0 or i + 1 == steps:
-                loss_sum, correct, good = (float(v) for v in totals)
+                loss_sum, correct, good = (float(v) for v in totals[:3])
                 if bool(state.health.diverged):
                     bar.close()
                     _report_divergence(cfg, state, manager, epoch)
@@ -746,7 +767,7 @@ def run(cfg: Config) -> dict:
                     **({} if math.isnan(acc) else {"acc": f"{acc:.4f}"}),
                 )
         bar.close()
-        loss_sum, correct, good = (float(v) for v in totals)
+        loss_sum, correct, good, norm_sum, clipped = (float(v) for v in totals)
         train_seconds = time.time() - t0
 
         model, _ = nnx.merge(eval_graphdef, state.graph)
@@ -756,6 +777,10 @@ def run(cfg: Config) -> dict:
         row = {"epoch": epoch, "step": int(state.step), "loss": loss_sum / max(good, 1)}
         if not math.isnan(correct):
             row["train_accuracy"] = correct / max(good * cfg.batch_size, 1)
+        # Mean pre-clip gradient norm and the share of steps --clip-norm scaled down: a share
+        # near 1 means the step size is set by the clip, not by --lr (BENCHMARKS.md, standalone).
+        row["grad_norm"] = norm_sum / max(good, 1)
+        row["clipped_fraction"] = clipped / max(good, 1)
         row.update(evaluate(cfg, model, train_f, train_y, test_f, test_y, num_classes))
         frame = out / "plots" / f"epoch_{epoch:03d}.png"
         frame.parent.mkdir(exist_ok=True)

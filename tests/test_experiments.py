@@ -60,6 +60,8 @@ def test_every_loss_trains_and_writes_its_files(loss, data_dir, tmp_path):
     for r in rows:
         for key in ("accuracy", "knn_accuracy", "precision_at_1", "map_at_r", "intra_inter_ratio"):
             assert np.isfinite(r[key]), (key, r)
+        assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"]), r
+        assert 0 <= r["clipped_fraction"] <= 1, r
     assert summary["final"]["epoch"] == 3
     for name in ("config.json", "summary.json", "summary.md", "features.gif"):
         assert (out / name).stat().st_size > 0, name
@@ -167,6 +169,18 @@ def test_divergence_stops_at_once_with_step_terms_and_checkpoint(data_dir, tmp_p
     assert len(history(out)) <= 1  # never an epoch of NaN
 
 
+def test_epochs_report_the_pre_clip_gradient_norm_and_the_share_of_clipped_steps(
+    data_dir, tmp_path
+):
+    rows = {}
+    for clip in ("1e-6", "1e9"):  # every step clipped / none (unclipped standalone diverges)
+        train(data_dir, tmp_path / clip, "--loss", "xent", "--epochs", "1", "--clip-norm", clip)
+        rows[clip] = history(tmp_path / clip)[0]
+    assert rows["1e-6"]["clipped_fraction"] == 1.0 and rows["1e9"]["clipped_fraction"] == 0.0
+    norms = [rows[c]["grad_norm"] for c in rows]
+    assert all(1e-6 < n < 1e9 for n in norms), norms
+
+
 def test_centers_trained_as_parameters(data_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, "--loss", "cent", "--epochs", "2", "--center-update", "sgd")
@@ -225,6 +239,8 @@ def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
         (["--limit", "0"], "--limit must be >= 1"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--lr", "-1"], "--lr must be > 0"),
+        (["--clip-norm", "0"], "--clip-norm must be > 0, got 0.0"),
+        (["--clip-norm", "nan"], "--clip-norm must be > 0, got nan"),
         (["--max-shift", "-1"], "--max-shift must be >= 0"),
         (["--augment", "rotate"], ""),  # argparse names the choices
         (["--stop-after-minutes", "0"], "--stop-after-minutes must be > 0"),
