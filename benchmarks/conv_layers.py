@@ -1,0 +1,160 @@
+"""Where the LeNet++ step loses to PyTorch: each convolution's forward pass, input gradient and
+weight gradient, XLA beside PyTorch, one process.
+
+    python -m benchmarks.conv_layers --threads 1
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m benchmarks.conv_layers --threads 1
+
+The six layers are LeNet++'s (5×5, padding 2, NHWC for XLA, NCHW for PyTorch): 28×28 1→32,
+28×28 32→32, 14×14 32→64, 14×14 64→64, 7×7 64→128, 7×7 128→128, at ``--batch`` images (64:
+one device's half of the driver's batch of 128 on two devices). Each operation is timed alone:
+``fwd`` (the convolution), ``dx`` (its input gradient, the VJP for the input; PyTorch's
+``torch.nn.grad.conv2d_input``) and ``dw`` (the weight gradient; ``conv2d_weight``); the first
+layer has no ``dx`` (its input is the image). Before timing, each operation's result is checked
+against PyTorch's. Timing as in :mod:`benchmarks.timing`: pinned to
+``--threads`` cores, alternating blocks, median. Without torch only XLA's columns are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from benchmarks.timing import cpu_model, pin_threads, timed_blocks
+
+LAYERS = [(28, 1, 32), (28, 32, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128), (7, 128, 128)]
+OPERATIONS = ("fwd", "dx", "dw")
+
+
+def xla_operations(x: np.ndarray, w: np.ndarray, g: np.ndarray) -> dict[str, Callable[[], object]]:
+    """Jitted forward, input gradient and weight gradient of one NHWC convolution."""
+    import jax
+    import jax.numpy as jnp
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    jx, jw, jg = (jnp.asarray(a) for a in (x, w, g))
+    fwd = jax.jit(conv)
+    dx = jax.jit(lambda w, g: jax.vjp(lambda x: conv(x, w), jnp.zeros(x.shape))[1](g)[0])
+    dw = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), jnp.zeros(w.shape))[1](g)[0])
+    ops = {
+        "fwd": lambda: jax.block_until_ready(fwd(jx, jw)),
+        "dx": lambda: jax.block_until_ready(dx(jw, jg)),
+        "dw": lambda: jax.block_until_ready(dw(jx, jg)),
+    }
+    return ops if x.shape[-1] > 1 else {k: v for k, v in ops.items() if k != "dx"}
+
+
+def torch_operations(x: np.ndarray, w: np.ndarray, g: np.ndarray):
+    """The same three operations in PyTorch (NCHW), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tx = torch.tensor(x).permute(0, 3, 1, 2).contiguous()
+    tw = torch.tensor(w).permute(3, 2, 0, 1).contiguous()
+    tg = torch.tensor(g).permute(0, 3, 1, 2).contiguous()
+    F, grad = torch.nn.functional, torch.nn.grad
+    ops = {
+        "fwd": lambda: F.conv2d(tx, tw, padding=2),
+        "dx": lambda: grad.conv2d_input(tx.shape, tw, tg, padding=2),
+        "dw": lambda: grad.conv2d_weight(tx, tw.shape, tg, padding=2),
+    }
+    return ops if x.shape[-1] > 1 else {k: v for k, v in ops.items() if k != "dx"}
+
+
+def check_same_results(sides: dict[str, Callable[[], object]]) -> None:
+    """Both libraries compute the same arrays (PyTorch's NCHW / OIHW moved to NHWC / HWIO), so
+    the timings compare like with like."""
+    to_xla_layout = {"fwd": (0, 2, 3, 1), "dx": (0, 2, 3, 1), "dw": (2, 3, 1, 0)}
+    for op, axes in to_xla_layout.items():
+        if f"xla {op}" not in sides:
+            continue
+        ours = np.asarray(sides[f"xla {op}"]())
+        theirs = sides[f"torch {op}"]().numpy().transpose(axes)
+        scale = float(np.max(np.abs(theirs))) or 1.0
+        error = float(np.max(np.abs(ours - theirs))) / scale
+        if not error < 1e-4:
+            raise AssertionError(f"{op}: XLA and PyTorch differ by {error:.2e} (relative)")
+
+
+def measure(batch: int, repeats: int, block: int, pause: float) -> list[dict]:
+    """One row per layer and operation: XLA ms and (with torch) PyTorch ms, medians."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for side, c_in, c_out in LAYERS:
+        x = rng.standard_normal((batch, side, side, c_in), dtype=np.float32)
+        w = rng.standard_normal((5, 5, c_in, c_out), dtype=np.float32) * 0.05
+        g = rng.standard_normal((batch, side, side, c_out), dtype=np.float32)
+        sides = {f"xla {k}": f for k, f in xla_operations(x, w, g).items()}
+        theirs = torch_operations(x, w, g)
+        if theirs is not None:
+            sides.update({f"torch {k}": f for k, f in theirs.items()})
+        if theirs is not None:
+            check_same_results(sides)
+        times = timed_blocks(sides, repeats, block, pause, warmup=2)
+        for op in OPERATIONS:
+            if f"xla {op}" not in times:
+                continue
+            row = {"layer": f"{side}×{side} {c_in}→{c_out}", "op": op}
+            row["xla_ms"] = statistics.median(times[f"xla {op}"]) * 1e3
+            if theirs is not None:
+                row["torch_ms"] = statistics.median(times[f"torch {op}"]) * 1e3
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    with_torch = "torch_ms" in rows[0]
+    head = ["layer", "op", "XLA ms"] + (["PyTorch ms", "XLA/PyTorch"] if with_torch else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["layer"], r["op"], f"{r['xla_ms']:.2f}"]
+        if with_torch:
+            cells += [f"{r['torch_ms']:.2f}", f"{r['xla_ms'] / r['torch_ms']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    xla = sum(r["xla_ms"] for r in rows)
+    total = [f"| all | all | {xla:.1f}"]
+    if with_torch:
+        torch_total = sum(r["torch_ms"] for r in rows)
+        total.append(f"{torch_total:.1f} | {xla / torch_total:.2f}")
+    lines.append(" | ".join(total) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.conv_layers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--batch", type=int, default=64, help="images per call (default: 64)")
+    p.add_argument("--threads", type=int, default=None, help="cores (default: all)")
+    p.add_argument("--repeats", type=int, default=16, help="timed calls per side (default: 16)")
+    p.add_argument("--block", type=int, default=4, help="calls per block (default: 4)")
+    p.add_argument("--pause", type=float, default=0.05, help="sleep after a block (default: 0.05)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1 or args.block < 1:
+        p.error("--batch, --repeats and --block must be >= 1")
+    threads = pin_threads(args.threads)  # before JAX creates its CPU client
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    from experiments.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as the driver does (experiments/allocator.py)
+    print(f"{cpu_model()}; {threads} threads; batch {args.batch}")
+    print(table(measure(args.batch, args.repeats, args.block, args.pause)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
