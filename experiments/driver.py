@@ -7,9 +7,10 @@ jitted step does forward, loss, gradient, optimizer update and the centers' α u
 its batch from device-resident data by an index table uploaded once per epoch, so nothing
 crosses between host and device inside an epoch except the progress bar's periodic read.
 
-A non-finite loss or gradient freezes the state at the last good step (no NaN is ever written
-into the weights); the host sees the flag at its next progress read and stops the run with the
-step, the last finite loss terms and the last good checkpoint.
+A non-finite loss or gradient, or a loss beyond ``--max-loss`` (a finite blow-up), freezes the
+state at the last good step (no NaN is ever written into the weights); the host sees the flag at
+its next progress read and stops the run with the step, the bad loss, the last good loss terms
+and the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from experiments import open_set as open_set_lib
 from experiments.allocator import reuse_freed_memory
 from experiments.augment import AUGMENTATIONS, augment
 from experiments.cpu_devices import use_one_device_per_core
-from experiments.models import EmbeddingModel, LeNetPlusPlus, SmallResNet
+from experiments.models import INITS, EmbeddingModel, LeNetPlusPlus, SmallResNet
 from experiments.objectives import OBJECTIVES, LossConfig, Objective
 from mlx_jax import data as data_lib
 from mlx_jax import metrics, parallel, viz
@@ -73,6 +74,8 @@ class Config:
     open_set: int | None = None  # hold out the last K classes (experiments/open_set.py)
     held_out_classes: tuple[int, ...] | None = None  # or hold out these classes
     width: int = 32
+    init: str = "flax"  # LeNet++ initialisation: Flax's or PyTorch's (seed 001's)
+    max_loss: float = 1e6  # |loss| above this counts as divergence, like a non-finite loss
     keep_checkpoints: int = 3
     stop_after: int | None = None  # stop (as if killed) after this epoch; --resume continues
     stop_after_minutes: float | None = None  # time box: stop before an epoch that would pass it
@@ -138,6 +141,13 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="center learning rate α (Wen et al.)")
     p.add_argument("--weight-intra", type=float, default=1.0, help="standalone: intra weight")
     p.add_argument("--weight-inter", type=float, default=0.1, help="standalone: inter weight")
+    p.add_argument(
+        "--inter-eps",
+        type=float,
+        default=LossConfig.inter_eps,
+        help="standalone: ε in the inter term's log(‖x_i − x_j‖² + ε); a pair's gradient is "
+        "at most 1/sqrt(ε) (1e-12: pytorch-center-loss's distance floor)",
+    )
     p.add_argument(
         "--margin",
         type=float,
@@ -207,6 +217,21 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--width", type=int, default=32, help="LeNet++ first-stage channels (paper 32)")
     p.add_argument(
+        "--init",
+        default="flax",
+        choices=list(INITS),
+        help="LeNet++ weight initialisation: flax (LeCun normal, zero bias) or torch "
+        "(PyTorch's uniform ±1/sqrt(fan_in) weights and biases, as seed 001's model)",
+    )
+    p.add_argument(
+        "--max-loss",
+        type=float,
+        default=1e6,
+        help="a step whose loss is non-finite or larger than this in magnitude stops the run "
+        "as diverged (finite blow-ups of the standalone loss reached 6e10 here); the "
+        "state stays at the last good step",
+    )
+    p.add_argument(
         "--stop-after",
         type=int,
         default=None,
@@ -258,6 +283,10 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(f"error: --max-shift must be >= 0, got {args.max_shift}")
     if args.lr <= 0:
         raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
+    if not args.inter_eps > 0:
+        raise SystemExit(f"error: --inter-eps must be > 0, got {args.inter_eps}")
+    if not args.max_loss > 0:
+        raise SystemExit(f"error: --max-loss must be > 0, got {args.max_loss}")
     if not args.clip_norm > 0:  # also refuses NaN
         raise SystemExit(f"error: --clip-norm must be > 0, got {args.clip_norm}")
     if args.devices is not None:
@@ -281,6 +310,7 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         alpha=args.alpha,
         weight_intra=args.weight_intra,
         weight_inter=args.weight_inter,
+        inter_eps=args.inter_eps,
         margin=args.margin,
         scale=args.scale,
         mining=args.mining,
@@ -312,6 +342,8 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
         open_set=args.open_set,
         held_out_classes=tuple(args.held_out_classes) if args.held_out_classes else None,
         width=args.width,
+        init=args.init,
+        max_loss=args.max_loss,
         quiet=args.quiet,
         stop_after=args.stop_after,
         stop_after_minutes=args.stop_after_minutes,
@@ -372,7 +404,7 @@ def build_model(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> 
     if cfg.dataset == "cifar10":
         backbone = SmallResNet(channels, cfg.feat_dim, axis_name=_batch_axis(cfg), rngs=rngs)
     else:
-        backbone = LeNetPlusPlus(channels, cfg.feat_dim, width=cfg.width, rngs=rngs)
+        backbone = LeNetPlusPlus(channels, cfg.feat_dim, width=cfg.width, init=cfg.init, rngs=rngs)
     objective = cfg.objective
     return EmbeddingModel(
         backbone,
@@ -421,9 +453,10 @@ def build_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransfor
 class Health:
     """Divergence record, carried in the train state (all device scalars)."""
 
-    diverged: jax.Array  # bool: a non-finite loss or gradient was seen
+    diverged: jax.Array  # bool: a non-finite or exploding (|loss| > max_loss) step was seen
     bad_step: jax.Array  # int32: the first such step
-    last_good_step: jax.Array  # int32: the last step whose loss was finite
+    bad_loss: jax.Array  # float32: its loss (NaN, ±inf or beyond max_loss)
+    last_good_step: jax.Array  # int32: the last step applied
     last_terms: dict[str, jax.Array]  # the loss terms at last_good_step
 
 
@@ -448,6 +481,7 @@ def initial_state(graph, objective: Objective) -> TrainState:
     health = Health(
         diverged=jnp.zeros((), bool),
         bad_step=zero - 1,
+        bad_loss=jnp.zeros((), jnp.float32),
         last_good_step=zero - 1,
         last_terms={n: jnp.zeros((), jnp.float32) for n in _term_names(objective)},
     )
@@ -457,7 +491,7 @@ def initial_state(graph, objective: Objective) -> TrainState:
 def make_train_step(cfg: Config, graphdef):
     """The jitted step ``(state, images, labels, order, index) -> (state, stats)``.
 
-    ``stats`` is a [5] float32 vector, zero where the step was skipped (non-finite): the loss,
+    ``stats`` is a [5] float32 vector, zero where the step was skipped (diverged): the loss,
     the batch's correct predictions (NaN without a scorer), whether the step was applied, the
     global gradient norm before clipping, and whether clipping scaled it down.
 
@@ -491,13 +525,15 @@ def make_train_step(cfg: Config, graphdef):
             model.centers.update(features, y, cfg.loss_config.alpha, axis_name=axis)
         new_graph = nnx.state((model, optimizer))
         grad_norm = optax.tree.norm(grads)  # before clipping: how hard --clip-norm bites
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A finite blow-up (loss 6e10 here) is as lost as a NaN: stop on either.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= cfg.max_loss)
         ok = finite & ~state.health.diverged
         graph = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_graph, state.graph)
         h = state.health
         health = Health(
             diverged=h.diverged | ~finite,
             bad_step=jnp.where(~finite & ~h.diverged, state.step, h.bad_step),
+            bad_loss=jnp.where(~finite & ~h.diverged, loss.astype(jnp.float32), h.bad_loss),
             last_good_step=jnp.where(ok, state.step, h.last_good_step),
             last_terms={k: jnp.where(ok, terms[k], h.last_terms[k]) for k in h.last_terms},
         )
@@ -961,10 +997,16 @@ def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):
         if latest is not None
         else "none (diverged before the first checkpoint)"
     )
+    bad_loss = float(h.bad_loss)
+    what = (
+        f"exploded to {bad_loss:.3g} (beyond --max-loss {cfg.max_loss:g})"
+        if math.isfinite(bad_loss)
+        else f"became non-finite ({bad_loss}, or its gradient did)"
+    )
     raise TrainingDiverged(
-        f"loss became non-finite at step {int(h.bad_step)} (epoch {epoch}); training stopped "
+        f"loss {what} at step {int(h.bad_step)} (epoch {epoch}); training stopped "
         f"and the state was kept from step {int(h.last_good_step)}.\n"
-        f"  last finite loss terms (step {int(h.last_good_step)}): {terms}\n"
+        f"  last good loss terms (step {int(h.last_good_step)}): {terms}\n"
         f"  last good checkpoint: {where}\n"
         "  try a lower --lr, a longer --warmup-epochs or a smaller --clip-norm"
     )

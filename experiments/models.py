@@ -3,7 +3,8 @@
 * :class:`LeNetPlusPlus` — the LeNet++ of Wen et al. 2016 (Fig. 2 / Sec. 3.1 of the Center Loss
   paper) as in pytorch-center-loss, which seed 001 follows: three stages of two 5×5 convolutions
   (32, 64, 128 channels, padding 2) with PReLU, each stage followed by 2×2 max-pooling, then a
-  linear embedding of ``feat_dim`` with PReLU.
+  linear embedding of ``feat_dim`` with PReLU. ``init="torch"`` draws the weights as PyTorch
+  does (what seed 001's model got); the default is Flax's.
 * :class:`SmallResNet` — a ResNet-20-style network (He et al. 2016, CIFAR variant: 3 stages of
   basic blocks, 16/32/64 channels) ending in a ``feat_dim`` embedding, for CIFAR-10.
 
@@ -72,19 +73,54 @@ def _max_pool_2x2_bwd(residuals, g):
 max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
+INITS = ("flax", "torch")
+
+
+def _torch_init(fan_in: int) -> dict:
+    """PyTorch's default Conv/Linear initialisation: weight ``kaiming_uniform_(a=√5)`` and bias,
+    both U(−1/√fan_in, 1/√fan_in) (torch.nn.Conv2d / Linear ``reset_parameters``). Flax's
+    default (LeCun normal weights, zero bias) has √3 times the weight standard deviation."""
+    bound = fan_in**-0.5
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return {"kernel_init": uniform, "bias_init": uniform}
+
+
 class LeNetPlusPlus(nnx.Module):
-    def __init__(self, in_channels: int, feat_dim: int, *, width: int = 32, rngs: nnx.Rngs):
+    """``init``: ``"flax"`` (LeCun normal weights, zero biases) or ``"torch"``
+    (:func:`_torch_init`, the initialisation of pytorch-center-loss's model)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        feat_dim: int,
+        *,
+        width: int = 32,
+        init: str = "flax",
+        rngs: nnx.Rngs,
+    ):
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+
+        def initializers(fan_in: int) -> dict:
+            return _torch_init(fan_in) if init == "torch" else {}
+
         channels = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
         convs, acts = [], []
         previous = in_channels
         for c in channels:
-            convs.append(nnx.Conv(previous, c, (5, 5), padding=2, rngs=rngs))
+            convs.append(
+                nnx.Conv(previous, c, (5, 5), padding=2, rngs=rngs, **initializers(25 * previous))
+            )
             acts.append(nnx.PReLU(0.25))  # PyTorch's PReLU init (pytorch-center-loss)
             previous = c
         self.convs = nnx.List(convs)
         self.acts = nnx.List(acts)
         self.flat_channels = previous
-        self.embed = nnx.Linear(previous * 3 * 3, feat_dim, rngs=rngs)
+        flat = previous * 3 * 3
+        self.embed = nnx.Linear(flat, feat_dim, rngs=rngs, **initializers(flat))
         self.embed_act = nnx.PReLU(0.25)
 
     def __call__(self, images: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import jax
 
 from mlx_jax import losses as L
+from mlx_jax.losses.center import LOG_EPS
 
 Terms = dict[str, jax.Array]
 
@@ -28,6 +29,7 @@ class LossConfig:
     alpha: float = 0.5  # Wen et al. 2016 (center learning rate)
     weight_intra: float = 1.0  # seed 001
     weight_inter: float = 0.1  # seed 001
+    inter_eps: float = LOG_EPS  # ε of the inter term's log(d² + ε); pytorch-center-loss's floor
     margin: float | None = None
     scale: float | None = None
     mining: str = "semihard"
@@ -65,7 +67,12 @@ def _cent(model, f, y, step, cfg):
 def _standalone(model, f, y, step, cfg):
     c = model.centers()
     total = L.standalone_center_loss(
-        f, y, c, weight_intra=cfg.weight_intra, weight_inter=cfg.weight_inter
+        f,
+        y,
+        c,
+        weight_intra=cfg.weight_intra,
+        weight_inter=cfg.weight_inter,
+        eps=cfg.inter_eps,
     )
     # Split for the logs without a second pairwise matrix: the intra term is
     # w_intra·mean‖x − c_y‖² = w_intra·2·center_loss (no pairs involved).

@@ -4,12 +4,13 @@ divergence stops with a useful message, bad flags and missing data give clear er
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import driver
+from experiments import driver, objectives
 from experiments.objectives import OBJECTIVES
 from mlx_jax import data as D
 from tests.test_data import cifar_members, write_cifar_tarball, write_idx_dir
@@ -163,10 +164,48 @@ def test_divergence_stops_at_once_with_step_terms_and_checkpoint(data_dir, tmp_p
     code = driver.main("fashion_mnist", argv)
     err = capsys.readouterr().err
     assert code == 2
-    assert "loss became non-finite at step" in err
-    assert "last finite loss terms" in err and "softmax=" in err and "center=" in err
+    assert "loss became non-finite (" in err and "at step" in err
+    assert "last good loss terms" in err and "softmax=" in err and "center=" in err
     assert "last good checkpoint" in err
     assert len(history(out)) <= 1  # never an epoch of NaN
+
+
+def test_a_finite_loss_beyond_max_loss_stops_the_run_as_diverged(data_dir, tmp_path, capsys):
+    # xent starts near log(10) = 2.3: a bound of 1.0 is crossed at the first step, while a
+    # bound of 1e6 (the default) lets the same run train.
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(data_dir), "--out", str(out), *TINY, "--loss", "xent"]
+    code = driver.main("fashion_mnist", [*argv, "--epochs", "1", "--max-loss", "1.0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"loss exploded to 2\.\d+ \(beyond --max-loss 1\) at step 0 ", err), err
+    assert "none (diverged before the first checkpoint)" in err
+    assert history(out) == []
+    again = ["--data-dir", str(data_dir), "--out", str(tmp_path / "again"), *TINY, "--loss", "xent"]
+    assert driver.main("fashion_mnist", [*again, "--epochs", "1"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--max-loss", "--inter-eps"])
+@pytest.mark.parametrize("bad", ["0", "-1", "nan"])
+def test_positive_float_flags_refuse_zero_negative_and_nan(flag, bad):
+    with pytest.raises(SystemExit, match=f"{flag} must be > 0, got {bad}"):
+        driver.config_from_args("fashion_mnist", [flag, bad])
+
+
+def test_inter_eps_reaches_the_standalone_loss(monkeypatch):
+    seen = []
+    real = objectives.L.standalone_center_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["eps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objectives.L, "standalone_center_loss", spy)
+    cfg = driver.config_from_args("fashion_mnist", ["--inter-eps", "0.5"])
+    model = driver.build_model(cfg, (28, 28, 1), 10)
+    features = np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32)
+    cfg.objective.terms(model, features, np.arange(8) % 10, 0, cfg.loss_config)
+    assert seen == [0.5]
 
 
 def test_epochs_report_the_pre_clip_gradient_norm_and_the_share_of_clipped_steps(

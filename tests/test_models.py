@@ -66,3 +66,33 @@ def test_lenet_is_the_same_network_with_either_pool(monkeypatch):
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_init_draws_weights_and_biases_as_pytorch_does():
+    torch = pytest.importorskip("torch", reason="torch (parity extra) compares the init")
+    torch.manual_seed(0)
+    ours = LeNetPlusPlus(1, 128, width=32, init="torch", rngs=nnx.Rngs(0))
+    flax_default = LeNetPlusPlus(1, 128, width=32, rngs=nnx.Rngs(0))
+    theirs = [torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.Linear(128 * 3 * 3, 128)]
+    pairs = [(ours.convs[0], theirs[0]), (ours.embed, theirs[1])]
+    for layer, twin in pairs:
+        for name, reference in (("kernel", twin.weight), ("bias", twin.bias)):
+            values = np.asarray(getattr(layer, name)[...]).ravel()
+            reference = reference.detach().numpy().ravel()
+            bound = twin.weight[0].numel() ** -0.5  # PyTorch's U(±1/sqrt(fan_in))
+            assert np.abs(reference).max() <= bound and np.abs(values).max() <= bound
+            # Uniform on ±bound: std bound/sqrt(3), to 4 standard errors of a sample std.
+            rtol = 4 * 0.45 / np.sqrt(values.size)
+            for sample in (values, reference):
+                np.testing.assert_allclose(sample.std(), bound / np.sqrt(3), rtol=rtol)
+    # Flax's default LeCun normal has sqrt(3) times the standard deviation, and zero biases.
+    ratio = (
+        np.asarray(flax_default.embed.kernel[...]).std() / np.asarray(ours.embed.kernel[...]).std()
+    )
+    np.testing.assert_allclose(ratio, np.sqrt(3), rtol=0.05)
+    assert not np.any(np.asarray(flax_default.embed.bias[...]))
+
+
+def test_unknown_init_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"init must be one of \['flax', 'torch'\], got 'he'"):
+        LeNetPlusPlus(1, 2, init="he", rngs=nnx.Rngs(0))
