@@ -526,14 +526,14 @@ def make_train_step(cfg: Config, graphdef):
         new_graph = nnx.state((model, optimizer))
         grad_norm = optax.tree.norm(grads)  # before clipping: how hard --clip-norm bites
         # A finite blow-up (loss 6e10 here) is as lost as a NaN: stop on either.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= cfg.max_loss)
-        ok = finite & ~state.health.diverged
+        healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= cfg.max_loss)
+        ok = healthy & ~state.health.diverged
         graph = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_graph, state.graph)
         h = state.health
         health = Health(
-            diverged=h.diverged | ~finite,
-            bad_step=jnp.where(~finite & ~h.diverged, state.step, h.bad_step),
-            bad_loss=jnp.where(~finite & ~h.diverged, loss.astype(jnp.float32), h.bad_loss),
+            diverged=h.diverged | ~healthy,
+            bad_step=jnp.where(~healthy & ~h.diverged, state.step, h.bad_step),
+            bad_loss=jnp.where(~healthy & ~h.diverged, loss.astype(jnp.float32), h.bad_loss),
             last_good_step=jnp.where(ok, state.step, h.last_good_step),
             last_terms={k: jnp.where(ok, terms[k], h.last_terms[k]) for k in h.last_terms},
         )
