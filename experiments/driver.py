@@ -218,7 +218,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=32, help="LeNet++ first-stage channels (paper 32)")
     p.add_argument(
         "--init",
-        default="flax",
+        default=Config.init,
         choices=list(INITS),
         help="LeNet++ weight initialisation: flax (LeCun normal, zero bias) or torch "
         "(PyTorch's uniform ±1/sqrt(fan_in) weights and biases, as seed 001's model)",
@@ -226,7 +226,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-loss",
         type=float,
-        default=1e6,
+        default=Config.max_loss,
         help="a step whose loss is non-finite or larger than this in magnitude stops the run "
         "as diverged (finite blow-ups of the standalone loss reached 6e10 here); the "
         "state stays at the last good step",
