@@ -751,7 +751,16 @@ def run(cfg: Config) -> dict:
             diff = {k for k in saved if saved[k] != current.get(k)}
             raise SystemExit(f"error: --resume with a different configuration ({sorted(diff)})")
         latest = manager.latest_step()
-        state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+        try:
+            state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+        except ValueError as error:  # orbax: tree structure, shape or dtype mismatch
+            reason = str(error).strip().splitlines()[0]  # the rest is pages of tree dumps
+            raise SystemExit(
+                f"error: --resume cannot read the epoch-{latest} checkpoint in "
+                f"{manager.directory}: its train state does not match this version's "
+                f"({reason}); it was written by another version of mlx_jax: rerun that "
+                "version to finish it, or start afresh in another --out"
+            ) from error
         start_epoch = latest
         history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
         history = [h for h in history if h["epoch"] <= latest]

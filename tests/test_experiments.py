@@ -142,6 +142,15 @@ def test_resume_with_a_different_config_is_refused(data_dir, tmp_path):
         train(data_dir, out, "--loss", "xent", "--epochs", "2", "--lr", "0.5", "--resume")
 
 
+def test_resume_from_a_checkpoint_of_another_train_state_says_so(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(data_dir, out, "--loss", "xent", "--epochs", "2", "--stop-after", "1")
+    # A later version that records one more loss term has a differently shaped train state.
+    monkeypatch.setattr(driver, "_term_names", lambda objective: ["softmax", "another"])
+    with pytest.raises(SystemExit, match=r"cannot read the epoch-1 checkpoint .* another version"):
+        train(data_dir, out, "--loss", "xent", "--epochs", "2", "--resume")
+
+
 def test_divergence_stops_at_once_with_step_terms_and_checkpoint(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
