@@ -156,11 +156,28 @@ def epoch_minutes(out: pathlib.Path, rows: Iterable[Row], row: Row) -> float | N
     return statistics.median(last) if last else None
 
 
-def _epoch_minutes(out: pathlib.Path, row: Row) -> list[float]:
-    """Wall minutes of each epoch the row has recorded (evaluation included); [] if none."""
+def recorded_epochs(out: pathlib.Path, row: Row) -> list[dict]:
+    """The metrics of every epoch the row has recorded (``metrics.jsonl``); [] if none."""
     path = run_dir(out, row) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line)["seconds"] / 60 for line in lines if line.strip()]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _epoch_minutes(out: pathlib.Path, row: Row) -> list[float]:
+    """Wall minutes of each epoch the row has recorded (evaluation included); [] if none."""
+    return [epoch["seconds"] / 60 for epoch in recorded_epochs(out, row)]
+
+
+def unfinished(out: pathlib.Path, row: Row) -> tuple[dict, int, float] | None:
+    """(last recorded epoch's metrics, epochs planned, minutes so far) of a row that has
+    recorded epochs but no summary (stopped by a time box or a lost session), else None.
+    Why: a row cut off one epoch short still measured something worth reporting, marked so."""
+    directory = run_dir(out, row)
+    epochs = recorded_epochs(out, row)
+    if (directory / "summary.json").exists() or not epochs:
+        return None
+    planned = json.loads((directory / "config.json").read_text())["epochs"]
+    return epochs[-1], planned, sum(epoch["seconds"] for epoch in epochs) / 60
 
 
 def newest_checkpoints(out: pathlib.Path, rows: Iterable[Row]) -> list[pathlib.Path]:
@@ -224,16 +241,26 @@ def table(out: pathlib.Path, rows: Iterable[Row], extra: Sequence[str], open_set
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         dataset, dim, loss = row
-        result = finished(out, row)
-        if result is None:
-            status = "needs network" if dataset == "cifar10" else "not measured yet"
-            cells = [status] + [""] * (len(columns) + 2)
-        else:
+        result, partial = finished(out, row), unfinished(out, row)
+        if result is not None:
             final, minutes = result
             cells = [f"{final[k]:.4f}" for k in columns]
             cells += [str(final["epoch"]), f"{minutes:.1f}", f"`{command(row, extra)}`"]
+        elif partial is not None:
+            last, planned, minutes = partial
+            cells = [f"{last[k]:.4f}" for k in columns]
+            cells += [unfinished_epochs(last, planned), f"{minutes:.1f}"]
+            cells += [f"`{command(row, extra)}`"]
+        else:
+            status = "needs network" if dataset == "cifar10" else "not measured yet"
+            cells = [status] + [""] * (len(columns) + 2)
         lines.append(f"| {loss} | {dataset} | {dim} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def unfinished_epochs(last: dict, planned: int) -> str:
+    """The epochs cell of an unfinished row: which epoch its numbers come from."""
+    return f"{last['epoch']} of {planned}, unfinished"
 
 
 def write_table(out: pathlib.Path, text: str) -> None:

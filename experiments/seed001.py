@@ -43,7 +43,16 @@ def table(out: pathlib.Path, datasets, dims, epochs: int) -> str:
     for row in rows(datasets, dims):
         dataset, dim, loss = row
         seed = SEED_TABLE[(dataset, dim)][loss]
-        result = campaign.finished(out, row)
+        result, partial = campaign.finished(out, row), campaign.unfinished(out, row)
+        if partial is not None:
+            last, planned, minutes = partial
+            epochs = campaign.unfinished_epochs(last, planned)
+            command = campaign.command(row, ["--epochs", str(planned)])
+            lines.append(
+                f"| {loss} | {dataset} | {dim} | {seed:.3f} | {last['accuracy']:.4f} | | "
+                f"{epochs} | {minutes:.1f} | `{command}` |"
+            )
+            continue
         if result is None:
             status = "needs network" if dataset == "cifar10" else "not measured yet"
             lines.append(f"| {loss} | {dataset} | {dim} | {seed:.3f} | {status} | | | | |")

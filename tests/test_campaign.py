@@ -77,6 +77,10 @@ def test_time_box_stops_rows_after_an_epoch_and_lists_their_checkpoints(
     assert f"unfinished, resumes from epoch 1: {first / 'checkpoints' / '1'}" in (
         capsys.readouterr().out
     )
+    last = json.loads((first / "metrics.jsonl").read_text().splitlines()[-1])
+    lines = campaign.table(out, rows, extra, open_set=False).splitlines()
+    assert f"| xent | fashion_mnist | 2 | {last['accuracy']:.4f} |" in lines[2]
+    assert "| 1 of 2, unfinished |" in lines[2] and "not measured yet" in lines[3]
     campaign.run_rows(rows, out, extra)
     assert [campaign.finished(out, row)[0]["epoch"] for row in rows] == [2, 2]
     assert campaign.newest_checkpoints(out, rows) == []
@@ -154,3 +158,21 @@ def test_bad_jobs_names_the_argument(tmp_path, jobs):
         jobs = len(os.sched_getaffinity(0)) + 1
     with pytest.raises(ValueError, match="jobs must be"):
         campaign.run_rows([("mnist", 2, "xent")], tmp_path, [], jobs=jobs)
+
+
+def test_tables_report_a_cut_off_row_by_its_last_epoch_marked_unfinished(tmp_path):
+    """A row stopped short (time box, lost session) still shows what it measured, marked."""
+    row = ("fashion_mnist", 2, "standalone")
+    _write_epochs(tmp_path, row, [8.0, 7.0])
+    directory = campaign.run_dir(tmp_path, row)
+    (directory / "config.json").write_text(json.dumps({"epochs": 20}))
+    metrics = [json.loads(line) for line in (directory / "metrics.jsonl").open()]
+    metrics[-1].update(accuracy=0.9185)
+    (directory / "metrics.jsonl").write_text("\n".join(map(json.dumps, metrics)) + "\n")
+    assert campaign.unfinished(tmp_path, row) == (metrics[-1], 20, 15.0)
+    text = seed001.table(tmp_path, ["fashion_mnist"], [2], 20)
+    assert "| standalone | fashion_mnist | 2 | 0.921 | 0.9185 | | 2 of 20, unfinished | 15.0 |" in (
+        text
+    )
+    (directory / "summary.json").write_text("{}")
+    assert campaign.unfinished(tmp_path, row) is None
