@@ -10,7 +10,8 @@ one resumes from its checkpoint, so a campaign can span sessions; ``--stop-after
 time box (rows stop after their last epoch that fits; unfinished ones are listed with the
 checkpoint to carry to another machine). OUT/table.md gets one line per row with the command
 that reproduces it: closed-set metrics, or with ``--open-set K`` the held-out-class metrics of
-``experiments/open_set.py``. ``python -m experiments.seed001`` is this runner on seed 001's rows.
+``experiments/open_set.py``; a row stopped short shows its last epoch, marked "K of N,
+unfinished". ``python -m experiments.seed001`` is this runner on seed 001's rows.
 """
 
 from __future__ import annotations
