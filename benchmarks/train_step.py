@@ -101,9 +101,11 @@ def ours_side(
     *,
     nnx_pool: bool = False,
     devices: int = 1,
+    conv: str = "xla",
 ) -> Side:
     """The driver's train step for ``loss``, compiled, data-parallel over ``devices`` CPU
-    devices; ``nnx_pool`` traces it with ``nnx.max_pool`` in LeNet++ instead of
+    devices, with LeNet++'s convolutions on ``conv`` ("xla" or "onednn", the driver's
+    ``--conv``); ``nnx_pool`` traces it with ``nnx.max_pool`` in LeNet++ instead of
     ``max_pool_2x2``."""
     import jax
     import jax.numpy as jnp
@@ -112,7 +114,13 @@ def ours_side(
     from experiments import driver, models
 
     cfg = driver.Config(
-        dataset="mnist", loss=loss, feat_dim=feat_dim, batch_size=batch, seed=seed, devices=devices
+        dataset="mnist",
+        loss=loss,
+        feat_dim=feat_dim,
+        batch_size=batch,
+        seed=seed,
+        devices=devices,
+        conv=conv,
     )
     model = driver.build_model(cfg, IMAGE_SHAPE, NUM_CLASSES)
     optimizer = nnx.Optimizer(model, driver.build_optimizer(cfg, STEPS_IN_DATA), wrt=nnx.Param)
@@ -371,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="time our step data-parallel over each of these CPU device counts (default: 1 and "
         "one device per --threads core, as the driver runs; experiments/cpu_devices.py)",
     )
+    p.add_argument(
+        "--convs",
+        nargs="+",
+        default=None,
+        choices=["xla", "onednn"],
+        help="LeNet++ convolution kernels to time our step with (the driver's --conv; "
+        "default: xla, and onednn where it can run: experiments/onednn_conv.py)",
+    )
     p.add_argument("--no-torch", action="store_true", help="time only our step")
     p.add_argument(
         "--nnx-pool",
@@ -420,6 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         device_counts = [n for n in device_counts if n <= jax.local_device_count()]
     elif max(device_counts) > jax.local_device_count():
         p.error(f"--devices: JAX has only {jax.local_device_count()} CPU devices")
+    from experiments import onednn_conv
+
+    onednn_missing = onednn_conv.unavailable_reason()
+    if args.convs is not None and "onednn" in args.convs and onednn_missing:
+        p.error(f"--convs onednn cannot run here: {onednn_missing}")
+    convs = args.convs or (["xla"] if onednn_missing else ["xla", "onednn"])
     loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
     torch = None
     if not args.no_torch:
@@ -436,13 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for loss in args.losses:
         sides = [
             ours_side(
-                "ours" if n == 1 else f"ours, {n} devices",
+                ("ours" if n == 1 else f"ours, {n} devices") + f", {conv}",
                 loss,
                 args.batch,
                 args.feat_dim,
                 args.seed,
                 devices=n,
+                conv=conv,
             )
+            for conv in convs
             for n in device_counts
         ]
         if args.nnx_pool:

@@ -18,6 +18,8 @@ and gradient but much cheaper to differentiate on CPU (see its docstring;
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -88,9 +90,17 @@ def _torch_init(fan_in: int) -> dict:
     return {"kernel_init": uniform, "bias_init": uniform}
 
 
+CONVS = ("xla", "onednn")
+
+
 class LeNetPlusPlus(nnx.Module):
     """``init``: ``"flax"`` (LeCun normal weights, zero biases) or ``"torch"``
-    (:func:`_torch_init`, the initialisation of pytorch-center-loss's model)."""
+    (:func:`_torch_init`, the initialisation of pytorch-center-loss's model).
+
+    ``conv``: ``"xla"`` (``lax.conv_general_dilated``) or ``"onednn"``
+    (:func:`experiments.onednn_conv.conv_general_dilated`: oneDNN's kernels through XLA's FFI
+    on CPU, same math; the 1-channel first layer stays on XLA), on ``conv_threads`` OpenMP
+    threads (default: the cores shared among the local CPU devices)."""
 
     def __init__(
         self,
@@ -99,10 +109,21 @@ class LeNetPlusPlus(nnx.Module):
         *,
         width: int = 32,
         init: str = "flax",
+        conv: str = "xla",
+        conv_threads: int | None = None,
         rngs: nnx.Rngs,
     ):
         if init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        if conv not in CONVS:
+            raise ValueError(f"conv must be one of {list(CONVS)}, got {conv!r}")
+        conv_options = {}
+        if conv == "onednn":
+            from experiments import onednn_conv
+
+            conv_options["conv_general_dilated"] = functools.partial(
+                onednn_conv.conv_general_dilated, threads=conv_threads
+            )
 
         def initializers(fan_in: int) -> dict:
             return _torch_init(fan_in) if init == "torch" else {}
@@ -112,7 +133,15 @@ class LeNetPlusPlus(nnx.Module):
         previous = in_channels
         for c in channels:
             convs.append(
-                nnx.Conv(previous, c, (5, 5), padding=2, rngs=rngs, **initializers(25 * previous))
+                nnx.Conv(
+                    previous,
+                    c,
+                    (5, 5),
+                    padding=2,
+                    rngs=rngs,
+                    **initializers(25 * previous),
+                    **conv_options,
+                )
             )
             acts.append(nnx.PReLU(0.25))  # PyTorch's PReLU init (pytorch-center-loss)
             previous = c

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import driver
+from experiments import driver, onednn_conv
 from experiments.augment import augment
 from mlx_jax import data as D
 from mlx_jax import parallel
@@ -37,6 +37,24 @@ def test_eight_devices_give_the_single_device_metrics(loss, extra, data_dir, tmp
         for key in CONTINUOUS:
             np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, err_msg=key)
         for key in DISCRETE:  # 160 test images: allow one borderline sample to flip
+            assert abs(r8[key] - r1[key]) <= 1 / 160 + 1e-9, (key, r1[key], r8[key])
+
+
+@pytest.mark.skipif(
+    onednn_conv.unavailable_reason() is not None,
+    reason=f"oneDNN unavailable: {onednn_conv.unavailable_reason()}",
+)
+def test_onednn_convolutions_on_eight_devices_give_xla_single_device_metrics(data_dir, tmp_path):  # noqa: F811
+    """oneDNN's FFI convolutions under shard_map: the replicated kernels' gradients are summed
+    over the devices, as XLA's convolution's are."""
+    common = ["--loss", "cent", "--epochs", "2", "--lr", "0.05"]
+    train(data_dir, tmp_path / "xla", *common, "--devices", "1", "--conv", "xla")
+    train(data_dir, tmp_path / "onednn", *common, "--devices", "8", "--conv", "onednn")
+    one, eight = history(tmp_path / "xla"), history(tmp_path / "onednn")
+    for r1, r8 in zip(one, eight, strict=True):
+        for key in CONTINUOUS:
+            np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, err_msg=key)
+        for key in DISCRETE:
             assert abs(r8[key] - r1[key]) <= 1 / 160 + 1e-9, (key, r1[key], r8[key])
 
 
