@@ -1,5 +1,6 @@
-"""Where the LeNet++ step loses to PyTorch: each convolution's forward pass, input gradient and
-weight gradient, XLA beside PyTorch, one process.
+"""Where the LeNet++ step lost to PyTorch: each convolution's forward pass, input gradient and
+weight gradient, XLA's kernels and oneDNN's (through XLA's FFI, :mod:`experiments.onednn_conv`,
+where it can run) beside PyTorch, one process.
 
     python -m benchmarks.conv_layers --threads 1
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m benchmarks.conv_layers --threads 1
@@ -28,12 +29,26 @@ LAYERS = [(28, 1, 32), (28, 32, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128), (
 OPERATIONS = ("fwd", "dx", "dw")
 
 
-def xla_operations(x: np.ndarray, w: np.ndarray, g: np.ndarray) -> dict[str, Callable[[], object]]:
-    """Jitted forward, input gradient and weight gradient of one NHWC convolution."""
+def jax_sides() -> list[str]:
+    """The JAX convolutions to time: XLA's, and oneDNN's where it can run here."""
+    from experiments import onednn_conv
+
+    return ["xla"] if onednn_conv.unavailable_reason() else ["xla", "onednn"]
+
+
+def xla_operations(
+    x: np.ndarray, w: np.ndarray, g: np.ndarray, kernels: str = "xla"
+) -> dict[str, Callable[[], object]]:
+    """Jitted forward, input gradient and weight gradient of one NHWC convolution, on XLA's
+    kernels or (``kernels="onednn"``) on oneDNN's."""
     import jax
     import jax.numpy as jnp
 
+    from experiments import onednn_conv
+
     def conv(x, w):
+        if kernels == "onednn":
+            return onednn_conv.conv_nhwc(x, w, 2)
         return jax.lax.conv_general_dilated(
             x, w, (1, 1), ((2, 2), (2, 2)), dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
@@ -69,30 +84,39 @@ def torch_operations(x: np.ndarray, w: np.ndarray, g: np.ndarray):
 
 
 def check_same_results(sides: dict[str, Callable[[], object]]) -> None:
-    """Both libraries compute the same arrays (PyTorch's NCHW / OIHW moved to NHWC / HWIO), so
-    the timings compare like with like."""
+    """Every JAX side computes PyTorch's arrays (its NCHW / OIHW moved to NHWC / HWIO), so the
+    timings compare like with like."""
     to_xla_layout = {"fwd": (0, 2, 3, 1), "dx": (0, 2, 3, 1), "dw": (2, 3, 1, 0)}
+    names = {"xla": "XLA", "onednn": "oneDNN"}
     for op, axes in to_xla_layout.items():
-        if f"xla {op}" not in sides:
-            continue
-        ours = np.asarray(sides[f"xla {op}"]())
-        theirs = sides[f"torch {op}"]().numpy().transpose(axes)
-        scale = float(np.max(np.abs(theirs))) or 1.0
-        error = float(np.max(np.abs(ours - theirs))) / scale
-        if not error < 1e-4:
-            raise AssertionError(f"{op}: XLA and PyTorch differ by {error:.2e} (relative)")
+        for kernels, name in names.items():
+            if f"{kernels} {op}" not in sides:
+                continue
+            ours = np.asarray(sides[f"{kernels} {op}"]())
+            theirs = sides[f"torch {op}"]().numpy().transpose(axes)
+            scale = float(np.max(np.abs(theirs))) or 1.0
+            error = float(np.max(np.abs(ours - theirs))) / scale
+            if not error < 1e-4:
+                raise AssertionError(f"{op}: {name} and PyTorch differ by {error:.2e} (relative)")
 
 
 def measure(batch: int, repeats: int, block: int, pause: float) -> list[dict]:
-    """One row per layer and operation: XLA ms and (with torch) PyTorch ms, medians."""
+    """One row per layer and operation: XLA ms, oneDNN ms (where it runs) and (with torch)
+    PyTorch ms, medians."""
     rows = []
+    kernels = jax_sides()
     rng = np.random.default_rng(0)
     for side, c_in, c_out in LAYERS:
         x = rng.standard_normal((batch, side, side, c_in), dtype=np.float32)
         w = rng.standard_normal((5, 5, c_in, c_out), dtype=np.float32) * 0.05
         g = rng.standard_normal((batch, side, side, c_out), dtype=np.float32)
         ops = OPERATIONS if c_in > 1 else ("fwd", "dw")  # the image needs no gradient
-        sides = {f"xla {k}": f for k, f in xla_operations(x, w, g).items() if k in ops}
+        sides = {
+            f"{side_name} {k}": f
+            for side_name in kernels
+            for k, f in xla_operations(x, w, g, side_name).items()
+            if k in ops
+        }
         theirs = torch_operations(x, w, g)
         if theirs is not None:
             sides.update({f"torch {k}": f for k, f in theirs.items() if k in ops})
@@ -103,7 +127,8 @@ def measure(batch: int, repeats: int, block: int, pause: float) -> list[dict]:
             if f"xla {op}" not in times:
                 continue
             row = {"layer": f"{side}×{side} {c_in}→{c_out}", "op": op}
-            row["xla_ms"] = statistics.median(times[f"xla {op}"]) * 1e3
+            for side_name in kernels:
+                row[f"{side_name}_ms"] = statistics.median(times[f"{side_name} {op}"]) * 1e3
             if theirs is not None:
                 row["torch_ms"] = statistics.median(times[f"torch {op}"]) * 1e3
             rows.append(row)
@@ -111,20 +136,20 @@ def measure(batch: int, repeats: int, block: int, pause: float) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    names = {"xla": "XLA", "onednn": "oneDNN"}
+    ours = [k for k in names if f"{k}_ms" in rows[0]]
     with_torch = "torch_ms" in rows[0]
-    head = ["layer", "op", "XLA ms"] + (["PyTorch ms", "XLA/PyTorch"] if with_torch else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["layer"], r["op"], f"{r['xla_ms']:.2f}"]
-        if with_torch:
-            cells += [f"{r['torch_ms']:.2f}", f"{r['xla_ms'] / r['torch_ms']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    xla = sum(r["xla_ms"] for r in rows)
-    total = [f"| all | all | {xla:.1f}"]
+    head = ["layer", "op", *(f"{names[k]} ms" for k in ours)]
     if with_torch:
-        torch_total = sum(r["torch_ms"] for r in rows)
-        total.append(f"{torch_total:.1f} | {xla / torch_total:.2f}")
-    lines.append(" | ".join(total) + " |")
+        head += ["PyTorch ms", *(f"{names[k]}/PyTorch" for k in ours)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    totals = {k: sum(r[f"{k}_ms"] for r in rows) for k in [*ours, "torch"] if f"{k}_ms" in rows[0]}
+    for r in [*rows, {"layer": "all", "op": "all", **{f"{k}_ms": v for k, v in totals.items()}}]:
+        cells = [r["layer"], r["op"], *(f"{r[f'{k}_ms']:.2f}" for k in ours)]
+        if with_torch:
+            ratios = (f"{r[f'{k}_ms'] / r['torch_ms']:.2f}" for k in ours)
+            cells += [f"{r['torch_ms']:.2f}", *ratios]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
