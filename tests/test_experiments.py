@@ -53,7 +53,11 @@ def history(out):
 @pytest.mark.parametrize("loss", sorted(OBJECTIVES))
 def test_every_loss_trains_and_writes_its_files(loss, data_dir, tmp_path):
     out = tmp_path / "run"
-    extra = ["--lr", "0.05"] if loss not in ("sphereface", "arcface", "cosface") else []
+    # Circle's γ = 256 makes lr 0.05 chaotic on this 4-channel model: rounding-level changes
+    # (oneDNN's convolutions instead of XLA's) turned its losses from 214.8 → 201.9 → 164.6 into
+    # 201.7 → 216.4 → 201.8; at 0.02 both fall (211.0 → 155.5, 211.9 → 159.6).
+    lrs = {"sphereface": [], "arcface": [], "cosface": [], "circle": ["--lr", "0.02"]}
+    extra = lrs.get(loss, ["--lr", "0.05"])
     summary = train(data_dir, out, "--loss", loss, "--epochs", "3", *extra)
     rows = history(out)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
