@@ -16,11 +16,13 @@ import pytest
 from flax import nnx
 
 from benchmarks import train_step as bench
-from experiments import driver
+from experiments import driver, onednn_conv
 
 torch = pytest.importorskip("torch")
 
 TINY = "--batch 8 --repeats 2 --block 1 --pause 0 --warmup 1 --settle 0".split()
+# the default --convs: XLA's kernels, and oneDNN's where they can run here
+KERNELS = ["xla"] + (["onednn"] if onednn_conv.unavailable_reason() is None else [])
 
 
 def test_times_ours_and_pytorch_and_writes_the_table(tmp_path, capsys):
@@ -29,21 +31,36 @@ def test_times_ours_and_pytorch_and_writes_the_table(tmp_path, capsys):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     sides = {(r["loss"], r["side"]) for r in rows}
     for loss in ("xent", "standalone"):
-        assert {(loss, "ours"), (loss, "ours, nnx.max_pool"), (loss, "PyTorch")} <= sides
+        ours = {(loss, f"ours, {kernels}") for kernels in KERNELS}
+        assert ours | {(loss, "ours, nnx.max_pool"), (loss, "PyTorch")} <= sides
         params = {r["params"] for r in rows if r["loss"] == loss}
         assert len(params) == 1, params  # the same parameter count on every side
     for r in rows:
         assert len(r["times"]) == 2 and all(t > 0 for t in r["times"])
         assert np.isfinite(r["images_per_s"])
     table = out.read_text()
-    assert "| xent | ours |" in table and "| standalone | PyTorch |" in table
+    assert "| xent | ours, xla |" in table and "| standalone | PyTorch |" in table
 
 
 def test_without_torch_only_ours(tmp_path):
     out = tmp_path / "t.md"
     assert bench.main([*TINY, "--losses", "xent", "--no-torch", "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["side"] for r in rows] == ["ours"]
+    assert [r["side"] for r in rows] == [f"ours, {kernels}" for kernels in KERNELS]
+
+
+def test_convs_picks_the_kernels_and_refuses_onednn_where_it_cannot_run(
+    tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "t.md"
+    argv = [*TINY, "--losses", "xent", "--no-torch", "--out", str(out)]
+    assert bench.main([*argv, "--convs", "xla"]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["side"] for r in rows] == ["ours, xla"]
+    monkeypatch.setattr(onednn_conv, "unavailable_reason", lambda: "no oneDNN in this test")
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--convs", "onednn"])
+    assert "--convs onednn cannot run here: no oneDNN in this test" in capsys.readouterr().err
 
 
 def test_pytorch_twin_is_the_same_network():
