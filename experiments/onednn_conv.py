@@ -1,10 +1,10 @@
 """LeNet++'s convolutions on oneDNN, for the experiments' models on XLA:CPU (issue 4, item 5).
 
-Why: on the 2-core dev CPU (AVX2) XLA:CPU's convolution kernels take 1.4× oneDNN's time over
-LeNet++'s six layers (forward, input and weight gradients at batch 64, one core; up to 1.9× on the
-7×7 layers), and oneDNN is what PyTorch runs — the gap that kept our train step behind PyTorch's
-(BENCHMARKS.md, "Speed — LeNet++ train step"). Called through XLA's FFI, oneDNN's kernels run
-inside the jitted step, with no host round-trip.
+Why: on the 2-core dev CPU (AVX2) XLA:CPU's convolution kernels take 1.4–1.6× oneDNN's time
+over LeNet++'s six layers (forward, input and weight gradients at batch 64, one core; up to 1.8×
+on the 7×7 layers), and oneDNN is what PyTorch runs — the gap that kept our train step behind
+PyTorch's (BENCHMARKS.md, "Speed — LeNet++ train step"). Called through XLA's FFI, oneDNN's
+kernels run inside the jitted step, with no host round-trip.
 
 How: ``onednn_conv.cc`` (next to this file) defines three XLA FFI handlers — forward, input
 gradient (backward data), weight gradient (backward weights) — for a stride-1 convolution with
@@ -19,7 +19,8 @@ the source, the jaxlib version and oneDNN's location.
 :func:`conv_general_dilated` is a drop-in for :func:`jax.lax.conv_general_dilated` (Flax's
 ``nnx.Conv(..., conv_general_dilated=...)``): it sends the convolutions oneDNN handles here to
 it and everything else (strides, dilation, groups, other dtypes or layouts, one input channel —
-XLA's weight gradient is faster there, measured 5.4 vs 8.4 ms — or a non-CPU backend) to XLA.
+LeNet++'s first layer, where neither won clearly: XLA's weight gradient 5.4 vs 8.4 ms in one
+run, 11.7 vs 10.3 ms in another — or a non-CPU backend) to XLA.
 Each call runs oneDNN on ``threads`` OpenMP threads — the driver passes cores // devices of its
 data-parallel step (one per device with its one-device-per-core split), so devices do not fight
 over the cores.
@@ -265,7 +266,7 @@ def _onednn_padding(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilatio
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     if jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
         return None
-    if rhs.shape[2] < 2:  # one input channel: XLA's weight gradient is faster (module docstring)
+    if rhs.shape[2] < 2:  # one input channel: left to XLA (module docstring)
         return None
     pad = _symmetric_padding(padding, rhs.shape[:2])
     if pad is None or pad < 0 or not available():
