@@ -29,11 +29,14 @@ LAYERS = [(28, 1, 32), (28, 32, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128), (
 OPERATIONS = ("fwd", "dx", "dw")
 
 
+KERNEL_NAMES = {"xla": "XLA", "onednn": "oneDNN"}
+
+
 def jax_sides() -> list[str]:
     """The JAX convolutions to time: XLA's, and oneDNN's where it can run here."""
     from experiments import onednn_conv
 
-    return ["xla"] if onednn_conv.unavailable_reason() else ["xla", "onednn"]
+    return onednn_conv.runnable_kernels()
 
 
 def xla_operations(
@@ -87,9 +90,8 @@ def check_same_results(sides: dict[str, Callable[[], object]]) -> None:
     """Every JAX side computes PyTorch's arrays (its NCHW / OIHW moved to NHWC / HWIO), so the
     timings compare like with like."""
     to_xla_layout = {"fwd": (0, 2, 3, 1), "dx": (0, 2, 3, 1), "dw": (2, 3, 1, 0)}
-    names = {"xla": "XLA", "onednn": "oneDNN"}
     for op, axes in to_xla_layout.items():
-        for kernels, name in names.items():
+        for kernels, name in KERNEL_NAMES.items():
             if f"{kernels} {op}" not in sides:
                 continue
             ours = np.asarray(sides[f"{kernels} {op}"]())
@@ -136,12 +138,11 @@ def measure(batch: int, repeats: int, block: int, pause: float) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    names = {"xla": "XLA", "onednn": "oneDNN"}
-    ours = [k for k in names if f"{k}_ms" in rows[0]]
+    ours = [k for k in KERNEL_NAMES if f"{k}_ms" in rows[0]]
     with_torch = "torch_ms" in rows[0]
-    head = ["layer", "op", *(f"{names[k]} ms" for k in ours)]
+    head = ["layer", "op", *(f"{KERNEL_NAMES[k]} ms" for k in ours)]
     if with_torch:
-        head += ["PyTorch ms", *(f"{names[k]}/PyTorch" for k in ours)]
+        head += ["PyTorch ms", *(f"{KERNEL_NAMES[k]}/PyTorch" for k in ours)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     totals = {k: sum(r[f"{k}_ms"] for r in rows) for k in [*ours, "torch"] if f"{k}_ms" in rows[0]}
     for r in [*rows, {"layer": "all", "op": "all", **{f"{k}_ms": v for k, v in totals.items()}}]:

@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     onednn_missing = onednn_conv.unavailable_reason()
     if args.convs is not None and "onednn" in args.convs and onednn_missing:
         p.error(f"--convs onednn cannot run here: {onednn_missing}")
-    convs = args.convs or (["xla"] if onednn_missing else ["xla", "onednn"])
+    convs = args.convs or onednn_conv.runnable_kernels()
     loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())
     torch = None
     if not args.no_torch:

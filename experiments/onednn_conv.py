@@ -50,6 +50,7 @@ __all__ = [
     "available",
     "conv_general_dilated",
     "conv_nhwc",
+    "runnable_kernels",
     "threads_per_device",
     "unavailable_reason",
 ]
@@ -135,6 +136,12 @@ def unavailable_reason() -> str | None:
     if jax.default_backend() != "cpu":
         return f"the default JAX backend is {jax.default_backend()!r}, not 'cpu'"
     return _register()
+
+
+def runnable_kernels() -> list[str]:
+    """The convolution kernels that can run here: ``["xla"]``, plus ``"onednn"`` where
+    :func:`available` (what the benchmarks time by default)."""
+    return ["xla", "onednn"] if available() else ["xla"]
 
 
 def available() -> bool:

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 TINY = "--batch 8 --repeats 2 --block 1 --pause 0 --warmup 1 --settle 0".split()
 # the default --convs: XLA's kernels, and oneDNN's where they can run here
-KERNELS = ["xla"] + (["onednn"] if onednn_conv.unavailable_reason() is None else [])
+KERNELS = onednn_conv.runnable_kernels()
 
 
 def test_times_ours_and_pytorch_and_writes_the_table(tmp_path, capsys):
