@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from benchmarks.timing import cpu_model, pin_threads, timed_blocks
+from benchmarks.timing import cpu_model, prepare_process, timed_blocks
 
 LAYERS = [(28, 1, 32), (28, 32, 32), (14, 32, 64), (14, 64, 64), (7, 64, 128), (7, 128, 128)]
 OPERATIONS = ("fwd", "dx", "dw")
@@ -168,16 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.block < 1:
         p.error("--batch, --repeats and --block must be >= 1")
-    threads = pin_threads(args.threads)  # before JAX creates its CPU client
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    from experiments.allocator import reuse_freed_memory
-
-    reuse_freed_memory()  # as the driver does (experiments/allocator.py)
+    threads = prepare_process(args.threads)  # before JAX creates its CPU client
     print(f"{cpu_model()}; {threads} threads; batch {args.batch}")
     print(table(measure(args.batch, args.repeats, args.block, args.pause)))
     return 0

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from benchmarks.timing import cpu_model, pin_threads, timed_blocks
+from benchmarks.timing import cpu_model, prepare_process, timed_blocks
 
 HEADS = ("cosface", "arcface", "sphereface")
 MATMULS = ("x̂·Ŵ", "G·Ŵᵀ", "x̂ᵀ·G")
@@ -175,16 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.batch, args.dim, args.classes, args.repeats, args.block) < 1:
         p.error("--batch, --dim, --classes, --repeats and --block must be >= 1")
-    threads = pin_threads(args.threads)  # before JAX creates its CPU client
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    from experiments.allocator import reuse_freed_memory
-
-    reuse_freed_memory()  # as benchmarks.losses does
+    threads = prepare_process(args.threads)  # before JAX creates its CPU client
     print(
         f"{cpu_model()}; {threads} threads; {args.loss} B={args.batch} D={args.dim} "
         f"C={args.classes}"

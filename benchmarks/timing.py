@@ -84,6 +84,24 @@ def pin_threads(threads: int | None) -> int:
     return threads
 
 
+def prepare_process(threads: int | None) -> int:
+    """The set-up of a side-by-side benchmark process: pins it to ``threads`` cores before JAX
+    starts (:func:`pin_threads`), gives torch the same count where it is installed, and makes
+    glibc reuse freed memory as the experiments driver does (``experiments/allocator.py``).
+    Returns the number of threads."""
+    threads = pin_threads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    from experiments.allocator import reuse_freed_memory
+
+    reuse_freed_memory()
+    return threads
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
     try:
