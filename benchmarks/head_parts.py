@@ -114,10 +114,11 @@ def whole_losses(loss: str, batch: int, dim: int, classes: int) -> dict[str, Cal
 def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Median ms of every part: {"xla": {part: ms}, "torch": {...}, "loss": {ours/PML: ms}}."""
     x, w, g = _operands(args.batch, args.dim, args.classes)
-    sides = {f"xla {k}": f for k, f in xla_parts(x, w, g).items()}
+    ours = xla_parts(x, w, g)
+    sides = {f"xla {k}": f for k, f in ours.items()}
     theirs = torch_matmuls(x, w, g)
     if theirs is not None:
-        check_same_matmuls(xla_parts(x, w, g), theirs)
+        check_same_matmuls(ours, theirs)
         sides.update({f"torch {k}": f for k, f in theirs.items()})
     losses = whole_losses(args.loss, args.batch, args.dim, args.classes)
     sides.update({f"loss {k}": f for k, f in losses.items()})
