@@ -895,13 +895,15 @@ def run(cfg: Config) -> dict:
         frames.append(frame)
         row["seconds"] = time.time() - t0
         row["train_seconds"] = train_seconds
+        # The epoch's line before its checkpoint: a run killed between the two resumes from
+        # the previous checkpoint and drops the line, instead of skipping the epoch's metrics.
+        history.append(row)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         manager.save(
             epoch, args=ocp.args.StandardSave(state), metrics={"accuracy": row["accuracy"]}
         )
         manager.wait_until_finished()
-        history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
         log(
             f"epoch {epoch}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
             f"knn {row['knn_accuracy']:.4f} P@1 {row['precision_at_1']:.4f} "

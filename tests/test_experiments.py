@@ -99,6 +99,52 @@ def test_resume_after_a_stop_ends_with_the_same_metrics(augmentation, data_dir, 
         np.testing.assert_array_equal(a, b)
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL: no handler in the driver catches it."""
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_a_run_killed_around_an_epoch_checkpoint_resumes_with_every_epoch(
+    moment, data_dir, tmp_path, monkeypatch
+):
+    """A run killed just before or just after epoch 2's checkpoint is written must, resumed,
+    end with every epoch's metrics line, equal to an uninterrupted run's (a line written after
+    the checkpoint would be lost to a kill between the two)."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ["--loss", "cent", "--epochs", "3", "--lr", "0.05"]
+    train(data_dir, straight, *common)
+
+    make_manager = driver._checkpoint_manager
+
+    def dying_manager(directory, keep):
+        manager = make_manager(directory, keep)
+        save = manager.save
+
+        def save_then_die(step, *args, **kwargs):
+            if step == 2 and moment == "before":
+                raise _Killed
+            saved = save(step, *args, **kwargs)
+            if step == 2:
+                manager.wait_until_finished()
+                raise _Killed
+            return saved
+
+        manager.save = save_then_die
+        return manager
+
+    monkeypatch.setattr(driver, "_checkpoint_manager", dying_manager)
+    with pytest.raises(_Killed):
+        train(data_dir, killed, *common)
+    monkeypatch.undo()
+    summary = train(data_dir, killed, *common, "--resume")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert summary["epochs"] == 3
+    assert strip(history(killed)) == strip(history(straight))
+
+
 def test_time_box_stops_between_epochs_and_resume_finishes(data_dir, tmp_path):
     out = tmp_path / "run"
     common = ["--loss", "xent", "--epochs", "3", "--lr", "0.05"]
