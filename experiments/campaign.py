@@ -4,9 +4,12 @@
     python -m experiments.campaign --out runs/open-set --open-set 2 --epochs 1 --limit 20000
     python -m experiments.campaign --out runs/shift --epochs 20 --driver-args='--augment shift'
 
-Every row runs the driver with its defaults plus the flags given here, one after another, into
-``OUT/DATASET-LOSS-featDIM``. A finished row (summary.json present) is skipped and an unfinished
-one resumes from its checkpoint, so a campaign can span sessions; ``--stop-after-minutes`` is a
+Every row runs the driver with its defaults plus the flags given here, in its own process
+(``--jobs`` at a time, output in the row's log.txt), into ``OUT/DATASET-LOSS-featDIM``. A
+finished row (summary.json present) is skipped and an unfinished one resumes from its
+checkpoint, so a campaign can span sessions; a row killed by a signal (XLA's abort of a stuck
+collective, the OOM killer) restarts from its checkpoint up to ``--retries`` times;
+``--stop-after-minutes`` is a
 time box (rows stop after their last epoch that fits; unfinished ones are listed with the
 checkpoint to carry to another machine). OUT/table.md gets one line per row with the command
 that reproduces it: closed-set metrics, or with ``--open-set K`` the held-out-class metrics of
@@ -21,6 +24,7 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,8 +33,6 @@ from collections.abc import Iterable, Sequence
 
 import orbax.checkpoint as ocp
 
-from experiments.cpu_devices import use_one_device_per_core
-from experiments.driver import config_from_args, run
 from experiments.objectives import OBJECTIVES
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10")
@@ -52,20 +54,35 @@ def command(row: Row, extra: Sequence[str]) -> str:
     return f"python -m experiments.{row[0]} " + " ".join(row_flags(row, extra))
 
 
+# Signals that mean "a person stopped it" rather than "it crashed": never retried.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+PYTHON = sys.executable  # the interpreter each row's process runs on
+
+
 def run_rows(
     rows: Iterable[Row],
     out: pathlib.Path,
     extra: Sequence[str],
     stop_after_minutes: float | None = None,
     jobs: int = 1,
+    retries: int = 2,
 ) -> None:
     """Runs every unfinished row (resuming a started one) until the time box is reached.
 
-    ``jobs=1`` runs the rows one after another in this process. ``jobs=N > 1`` runs N rows at
-    a time, each in its own ``python -m experiments.DATASET`` process pinned to its share of
-    this process's CPUs (XLA sizes its thread pool from the CPU affinity), output in the row's
-    ``log.txt``. Why: XLA:CPU keeps only ~1.4 of 2 cores busy in the small LeNet++ convolutions,
-    so two one-core runs finish more rows per hour than two-core runs in turn.
+    Each row runs as its own ``python -m experiments.DATASET`` process, output in the row's
+    ``log.txt``, ``jobs`` rows at a time, each pinned to its share of this process's CPUs (XLA
+    sizes its thread pool from the CPU affinity). Why ``jobs=2`` on 2 cores: XLA:CPU keeps only
+    ~1.4 of 2 cores busy in the small LeNet++ convolutions, so two one-core runs finish more
+    rows per hour than two-core runs in turn.
+
+    A row whose process is killed by a signal — XLA:CPU aborting a collective stuck past its
+    timeout (SIGABRT; seen here once in a 2-device run, BENCHMARKS.md), the kernel's OOM killer
+    (SIGKILL), a crash — starts again from its newest checkpoint, up to ``retries`` times; the
+    resumed row ends as an uninterrupted one would (the driver's resume is exact). An error
+    the driver reports itself (bad flags, divergence, missing data: exit code > 0) and a stop
+    by SIGINT/SIGTERM/SIGHUP are not retried: a rerun would repeat the first, and a person
+    asked for the second. Rows that fail for good are listed in the RuntimeError raised at
+    the end, after the others have run.
 
     ``stop_after_minutes`` is a time box: a row starts only if one epoch fits in the time left
     (estimated by :func:`epoch_minutes`; without any finished epoch yet there is no estimate and
@@ -73,8 +90,12 @@ def run_rows(
     stops after its last epoch that fits. Rows left unfinished are listed with their newest
     checkpoint (:func:`newest_checkpoints`).
     """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    for name, value, least in (("jobs", jobs, 1), ("retries", retries, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    cpus = sorted(os.sched_getaffinity(0))
+    if jobs > len(cpus):
+        raise ValueError(f"jobs must be <= the {len(cpus)} CPUs this process may use, got {jobs}")
     start = time.time()
     rows = list(rows)
     pending = [row for row in rows if not (run_dir(out, row) / "summary.json").exists()]
@@ -100,46 +121,46 @@ def run_rows(
             argv += ["--stop-after-minutes", f"{left:.4g}"]
         return argv + (["--resume"] if (directory / "checkpoints").exists() else [])
 
-    if jobs == 1:
-        use_one_device_per_core()  # as each row's own process would (no-op once JAX runs)
-        for row in pending:
-            if not may_start(row):
-                break
-            print(f"== {' '.join(map(str, row))}", flush=True)
-            run(config_from_args(row[0], driver_argv(row)))
-        _report_unfinished(out, rows)
-        return
-
-    cpus = sorted(os.sched_getaffinity(0))
-    if jobs > len(cpus):
-        raise ValueError(f"jobs must be <= the {len(cpus)} CPUs this process may use, got {jobs}")
     free_slots = [cpus[slot::jobs] for slot in range(jobs)]
     running: list[tuple[subprocess.Popen, Row, list[int]]] = []
     failed: list[str] = []
+    retried: dict[Row, int] = {}
     while running or (pending and may_start(pending[0])):
         while free_slots and pending and may_start(pending[0]):
             row, slot = pending.pop(0), free_slots.pop(0)
             directory = run_dir(out, row)
             directory.mkdir(parents=True, exist_ok=True)
-            argv = [sys.executable, "-m", f"experiments.{row[0]}", *driver_argv(row)]
+            argv = [PYTHON, "-m", f"experiments.{row[0]}", *driver_argv(row)]
             print(f"== {' '.join(map(str, row))} on CPUs {slot}", flush=True)
+            # Pinning runs in the forked child before exec; with every CPU there is nothing to pin.
+            pin = None if slot == cpus else (lambda cpus=slot: os.sched_setaffinity(0, cpus))
             with open(directory / "log.txt", "a") as log:
                 process = subprocess.Popen(
-                    argv,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus),
+                    argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
                 )
             running.append((process, row, slot))
-        time.sleep(1.0)
+        time.sleep(0.5)
         for entry in [e for e in running if e[0].poll() is not None]:
             running.remove(entry)
             process, row, slot = entry
             free_slots.append(slot)
-            if process.returncode != 0:
-                log_path = run_dir(out, row) / "log.txt"
-                failed.append(f"{' '.join(map(str, row))} (exit {process.returncode}, {log_path})")
-                print(f"!! {failed[-1]}", flush=True)
+            code = process.returncode
+            if code == 0:
+                continue
+            log_path = run_dir(out, row) / "log.txt"
+            crash = code < 0 and signal.Signals(-code) not in STOP_SIGNALS
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            if crash and retried.get(row, 0) < retries:
+                retried[row] = retried.get(row, 0) + 1
+                print(
+                    f"!! {' '.join(map(str, row))} {how} ({log_path}); restarting from its "
+                    f"newest checkpoint (retry {retried[row]} of {retries})",
+                    flush=True,
+                )
+                pending.insert(0, row)
+                continue
+            failed.append(f"{' '.join(map(str, row))} ({how}, {log_path})")
+            print(f"!! {failed[-1]}", flush=True)
     if failed:
         raise RuntimeError("campaign rows failed: " + "; ".join(failed))
     _report_unfinished(out, rows)
@@ -295,9 +316,25 @@ def add_grid_flags(parser: argparse.ArgumentParser) -> None:
         "--jobs",
         type=int,
         default=1,
-        help="rows run at once, each in its own process pinned to its share of the CPUs "
-        "(default: 1, in this process); on a 2-core CPU --jobs 2 finishes more rows per hour",
+        help="rows run at once, each in its own process pinned to its share of the CPUs, "
+        "output in the row's log.txt (default: 1, on every CPU); on a 2-core CPU --jobs 2 "
+        "finishes more rows per hour",
     )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times a row killed by a signal (XLA's abort of a stuck collective, the OOM "
+        "killer, a crash) restarts from its newest checkpoint (default: 2); errors the driver "
+        "reports (exit code > 0) and Ctrl-C are not retried",
+    )
+
+
+def check_grid_flags(args: argparse.Namespace) -> None:
+    """Rejects bad :func:`add_grid_flags` values with a message naming the flag."""
+    for flag, value, least in (("--jobs", args.jobs, 1), ("--retries", args.retries, 0)):
+        if value < least:
+            raise SystemExit(f"error: {flag} must be >= {least}, got {value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,9 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_grid_flags(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
-    for flag, value in (("--epochs", args.epochs), ("--limit", args.limit), ("--jobs", args.jobs)):
+    for flag, value in (("--epochs", args.epochs), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+    check_grid_flags(args)
     extra = ["--epochs", str(args.epochs)]
     extra += ["--limit", str(args.limit)] if args.limit else []
     extra += ["--open-set", str(args.open_set)] if args.open_set else []
@@ -337,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [(d, dim, loss) for d in args.datasets for dim in args.dims for loss in args.losses]
     out = pathlib.Path(args.out)
     if not args.table_only:
-        run_rows(rows, out, extra, args.stop_after_minutes, args.jobs)
+        run_rows(rows, out, extra, args.stop_after_minutes, args.jobs, args.retries)
     write_table(out, table(out, rows, extra, open_set=args.open_set is not None))
     return 0
 

@@ -78,11 +78,17 @@ def main(argv=None) -> int:
     campaign.add_grid_flags(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite OUT/table.md")
     args = p.parse_args(argv)
+    campaign.check_grid_flags(args)
     out = pathlib.Path(args.out)
     if not args.table_only:
         extra = ["--epochs", str(args.epochs)]
         campaign.run_rows(
-            rows(args.datasets, args.dims), out, extra, args.stop_after_minutes, args.jobs
+            rows(args.datasets, args.dims),
+            out,
+            extra,
+            args.stop_after_minutes,
+            args.jobs,
+            args.retries,
         )
     campaign.write_table(out, table(out, args.datasets, args.dims, args.epochs))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -58,7 +59,73 @@ def test_parallel_jobs_run_rows_in_pinned_processes_and_report_failures(
     bad = [("fashion_mnist", 2, "cent")]
     with pytest.raises(RuntimeError, match=r"fashion_mnist 2 cent \(exit [1-9]"):
         campaign.run_rows(bad, out, [*extra, "--lr", "-1"], jobs=2)
-    assert "lr" in (campaign.run_dir(out, bad[0]) / "log.txt").read_text()
+    log = (campaign.run_dir(out, bad[0]) / "log.txt").read_text()
+    assert log.count("--lr must be > 0") == 1  # an error the driver reports is not retried
+
+
+def _dying_python(tmp_path, row_dir, signal_name, times):
+    """An interpreter for campaign.PYTHON that kills the row's process with ``signal_name``
+    once its first epoch's metrics line is written, on the first ``times`` starts."""
+    starts = tmp_path / f"starts-{signal_name}"
+    script = tmp_path / f"python-dying-{signal_name}"
+    script.write_text(
+        f"""#!/bin/bash
+echo >> {starts}
+if [ "$(wc -l < {starts})" -le {times} ]; then
+  ( until [ "$(wc -l < {row_dir}/metrics.jsonl 2>/dev/null || echo 0)" -ge 1 ]; do
+      sleep 0.05
+    done
+    kill -{signal_name} $$ ) &
+fi
+exec {sys.executable} "$@"
+"""
+    )
+    script.chmod(0o755)
+    return script, starts
+
+
+def test_a_row_killed_by_a_signal_restarts_from_its_checkpoint_and_ends_as_if_never_killed(
+    data_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    extra = ["--epochs", "3", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    row = ("fashion_mnist", 2, "cent")
+    campaign.run_rows([row], tmp_path / "straight", extra)
+    out = tmp_path / "killed"
+    python, starts = _dying_python(tmp_path, campaign.run_dir(out, row), "ABRT", times=1)
+    monkeypatch.setattr(campaign, "PYTHON", str(python))
+    campaign.run_rows([row], out, extra, retries=1)
+    assert "killed by SIGABRT" in capsys.readouterr().out
+    assert len(starts.read_text().splitlines()) == 2
+
+    def rows(out):
+        lines = (campaign.run_dir(out, row) / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if "seconds" not in k} for x in lines]
+
+    assert [r["epoch"] for r in rows(out)] == [1, 2, 3]
+    assert rows(out) == rows(tmp_path / "straight")
+
+
+@pytest.mark.parametrize(("signal_name", "times", "retries"), [("KILL", 2, 1), ("TERM", 1, 2)])
+def test_a_row_fails_when_its_retries_run_out_or_a_person_stopped_it(
+    data_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    signal_name,
+    times,
+    retries,
+):
+    extra = ["--epochs", "3", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    row = ("fashion_mnist", 2, "xent")
+    out = tmp_path / "campaign"
+    python, starts = _dying_python(tmp_path, campaign.run_dir(out, row), signal_name, times)
+    monkeypatch.setattr(campaign, "PYTHON", str(python))
+    with pytest.raises(RuntimeError, match=rf"fashion_mnist 2 xent \(killed by SIG{signal_name}"):
+        campaign.run_rows([row], out, extra, retries=retries)
+    # SIGKILL: the first start and its one retry; SIGTERM (a person's stop): no retry
+    assert len(starts.read_text().splitlines()) == (2 if signal_name == "KILL" else 1)
 
 
 def test_time_box_stops_rows_after_an_epoch_and_lists_their_checkpoints(
@@ -158,6 +225,21 @@ def test_bad_jobs_names_the_argument(tmp_path, jobs):
         jobs = len(os.sched_getaffinity(0)) + 1
     with pytest.raises(ValueError, match="jobs must be"):
         campaign.run_rows([("mnist", 2, "xent")], tmp_path, [], jobs=jobs)
+
+
+@pytest.mark.parametrize("retries", [-1, 0.5, False])
+def test_bad_retries_names_the_argument(tmp_path, retries):
+    with pytest.raises(ValueError, match="retries must be an int >= 0"):
+        campaign.run_rows([("mnist", 2, "xent")], tmp_path, [], retries=retries)
+
+
+@pytest.mark.parametrize(
+    ("module", "flag", "value"), [(campaign, "--jobs", "0"), (seed001, "--retries", "-1")]
+)
+def test_bad_grid_flags_are_refused_by_name_on_the_command_line(tmp_path, module, flag, value):
+    argv = ["--out", str(tmp_path), flag, value] + (["--epochs", "1"] if module is campaign else [])
+    with pytest.raises(SystemExit, match=f"{flag} must be >= "):
+        module.main(argv)
 
 
 def test_tables_report_a_cut_off_row_by_its_last_epoch_marked_unfinished(tmp_path):
