@@ -115,7 +115,7 @@ def run_rows(
 
     def driver_argv(row: Row) -> list[str]:
         directory = run_dir(out, row)
-        argv = [*row_flags(row, extra), "--out", str(directory), "--quiet"]
+        argv = [*row_flags(row, extra), "--out", str(directory)]  # epoch lines to log.txt
         if stop_after_minutes:
             left = max(stop_after_minutes - (time.time() - start) / 60, 1e-3)
             argv += ["--stop-after-minutes", f"{left:.4g}"]

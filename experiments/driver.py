@@ -269,7 +269,11 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         "batch_size/N images, the loss sees the whole batch (exact global negatives); "
         "--batch-size must be divisible by N",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar or per-epoch lines (the bar shows only on a terminal anyway)",
+    )
     return p
 
 
@@ -832,7 +836,7 @@ def run(cfg: Config) -> dict:
         bar = tqdm(
             range(steps),
             desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=cfg.quiet,
+            disable=cfg.quiet or None,  # None: no bar when stderr is not a terminal
             leave=False,
             dynamic_ncols=True,
         )

@@ -48,13 +48,16 @@ def test_parallel_jobs_run_rows_in_pinned_processes_and_report_failures(
     tmp_path,
 ):
     out = tmp_path / "campaign"
-    extra = ["--epochs", "1", "--data-dir", str(data_dir), *TINY, "--lr", "0.05"]
+    loud = [flag for flag in TINY if flag != "--quiet"]
+    extra = ["--epochs", "1", "--data-dir", str(data_dir), *loud, "--lr", "0.05"]
     rows = [("fashion_mnist", 2, "xent"), ("fashion_mnist", 2, "standalone")]
     campaign.run_rows(rows, out, extra, jobs=2)
     for row in rows:
         final, _ = campaign.finished(out, row)
         assert final["epoch"] == 1
-        assert (campaign.run_dir(out, row) / "log.txt").exists()
+        log = (campaign.run_dir(out, row) / "log.txt").read_text()
+        assert f"epoch 1: loss {final['loss']:.4f}" in log  # epoch lines, but the training
+        assert "epoch 1/1" not in log  # progress bar (desc "epoch 1/1") is for terminals only
 
     bad = [("fashion_mnist", 2, "cent")]
     with pytest.raises(RuntimeError, match=r"fashion_mnist 2 cent \(exit [1-9]"):
