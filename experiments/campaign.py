@@ -148,8 +148,9 @@ def run_rows(
             if code == 0:
                 continue
             log_path = run_dir(out, row) / "log.txt"
-            crash = code < 0 and signal.Signals(-code) not in STOP_SIGNALS
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            crash = code < 0 and -code not in STOP_SIGNALS
+            # real-time signals (34+) have no Signals member: named by number
+            how = f"killed by SIG{_signal_name(-code)}" if code < 0 else f"exit {code}"
             if crash and retried.get(row, 0) < retries:
                 retried[row] = retried.get(row, 0) + 1
                 print(
@@ -164,6 +165,14 @@ def run_rows(
     if failed:
         raise RuntimeError("campaign rows failed: " + "; ".join(failed))
     _report_unfinished(out, rows)
+
+
+def _signal_name(number: int) -> str:
+    """ "ABRT" for 6: the Signals member's name without "SIG", else the number."""
+    try:
+        return signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return str(number)
 
 
 def epoch_minutes(out: pathlib.Path, rows: Iterable[Row], row: Row) -> float | None:
