@@ -119,7 +119,7 @@ def run_rows(
         if stop_after_minutes:
             left = max(stop_after_minutes - (time.time() - start) / 60, 1e-3)
             argv += ["--stop-after-minutes", f"{left:.4g}"]
-        return argv + (["--resume"] if (directory / "checkpoints").exists() else [])
+        return [*argv, "--resume=auto"]  # a started row continues, a new one starts
 
     free_slots = [cpus[slot::jobs] for slot in range(jobs)]
     running: list[tuple[subprocess.Popen, Row, list[int]]] = []

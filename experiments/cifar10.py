@@ -1,8 +1,8 @@
-"""`python -m experiments.cifar10 --loss LOSS`: see `--help` and experiments/driver.py."""
+"""`python -m experiments.cifar10 --loss LOSS`: see `--help` and experiments/cli.py."""
 
 import sys
 
-from experiments.driver import main
+from experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main("cifar10"))

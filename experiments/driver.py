@@ -1,28 +1,40 @@
-"""One driver for every experiment: config → data → model → train loop → eval → plots/checkpoints.
+"""Training and evaluation of one experiment: ``train_and_evaluate(config, workdir) -> summary``.
 
-The train state is one explicit pytree (:class:`TrainState`): the NNX state of the model and its
-optimizer (parameters, PReLU slopes, BatchNorm statistics, class weights, centers, optimizer
-state and step), the global step, a health record for divergence, and the data-order seed. One
-jitted step does forward, loss, gradient, optimizer update and the centers' α update; it gathers
-its batch from device-resident data by an index table uploaded once per epoch, so nothing
-crosses between host and device inside an epoch except the progress bar's periodic read.
+The run is split into readable units, in the order an epoch uses them:
 
-A non-finite loss or gradient, or a loss beyond ``--max-loss`` (a finite blow-up), freezes the
-state at the last good step (no NaN is ever written into the weights); the host sees the flag at
-its next progress read and stops the run with the step, the bad loss, the last good loss terms
-and the last good checkpoint.
+- :func:`prepare` loads the data, builds the model, optimizer, jitted step and evaluation
+  function, and opens the checkpoints (:class:`Experiment`);
+- :func:`restore_or_start` resumes from the newest checkpoint, or starts afresh;
+- :func:`train_epoch` runs one epoch of jitted steps;
+- :func:`evaluate_epoch` embeds the evaluation images and computes the metrics (a fixed subset
+  after every epoch but the last, everything after the last);
+- :func:`record_epoch` appends the epoch's metrics line, saves its plot points and then its
+  checkpoint;
+- :func:`finish` draws features.png and features.gif and writes summary.json / summary.md.
+
+The train state is one explicit pytree (:class:`TrainState`): the NNX state of the model and
+its optimizer (parameters, PReLU slopes, BatchNorm statistics, class weights, centers,
+optimizer state and step), the global step and a health record for divergence. One jitted
+step does forward, loss, gradient, optimizer update and the centers' α update; it gathers its
+batch from device-resident data by an index table uploaded once per epoch.
+
+A non-finite loss or gradient, or a loss beyond ``config.max_loss``, freezes the state at the
+last good step (no NaN is ever written into the weights) and raises :class:`TrainingDiverged`
+naming the step, the bad loss, the last good loss terms and the last good checkpoint. Every
+error is an exception (:class:`RunError`, :class:`~experiments.config.ConfigError`,
+:class:`mlx_jax.data.DatasetUnavailableError`); :mod:`experiments.cli` maps them to messages.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -34,379 +46,58 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import onednn_conv
+from experiments import onednn_conv, tuning
 from experiments import open_set as open_set_lib
-from experiments.allocator import reuse_freed_memory
-from experiments.augment import AUGMENTATIONS, augment
-from experiments.cpu_devices import use_one_device_per_core
-from experiments.models import CONVS, INITS, EmbeddingModel, LeNetPlusPlus, SmallResNet
-from experiments.objectives import OBJECTIVES, LossConfig, Objective
+from experiments.augment import augment
+from experiments.config import Config, ConfigError, stored_differences
+from experiments.models import CONVS, EmbeddingModel, LeNetPlusPlus, SmallResNet
+from experiments.objectives import Objective
 from mlx_jax import data as data_lib
 from mlx_jax import metrics, parallel, viz
 
-# ----------------------------------------------------------------------------- configuration
+
+class RunError(RuntimeError):
+    """The run cannot go on: the message says why and what to do."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    dataset: str
-    loss: str = "standalone"
-    feat_dim: int = 2
-    epochs: int = 20
-    batch_size: int = 128  # seed 001
-    lr: float = 0.01  # seed 001
-    momentum: float = 0.9  # pytorch-center-loss's SGD
-    weight_decay: float = 5e-4  # pytorch-center-loss's SGD
-    warmup_epochs: float = 0.5
-    clip_norm: float = 5.0
-    augment: str = "none"  # seed 001 trains on the plain images
-    max_shift: int = 2
-    center_update: str = "alpha"  # or "sgd": centers as parameters (pytorch-center-loss)
-    center_lr: float = 0.5  # pytorch-center-loss's lr for centers
-    samples_per_class: int = 4
-    loss_config: LossConfig = LossConfig()
-    seed: int = 0
-    out: str | None = None
-    resume: bool = False
-    data_dir: str | None = None
-    limit: int | None = None
-    eval_train_limit: int = 10_000
-    knn_k: int = 5
-    open_set: int | None = None  # hold out the last K classes (experiments/open_set.py)
-    held_out_classes: tuple[int, ...] | None = None  # or hold out these classes
-    width: int = 32
-    init: str = "flax"  # LeNet++ initialisation: Flax's or PyTorch's (seed 001's)
-    conv: str = "auto"  # LeNet++ convolution kernels: auto, xla or onednn (same math)
-    max_loss: float = 1e6  # |loss| above this counts as divergence, like a non-finite loss
-    keep_checkpoints: int = 3
-    stop_after: int | None = None  # stop (as if killed) after this epoch; --resume continues
-    stop_after_minutes: float | None = None  # time box: stop before an epoch that would pass it
-    progress_every: int = 20
-    quiet: bool = False
-    devices: int | None = None  # data-parallel devices (None: default_devices)
-
-    @property
-    def objective(self) -> Objective:
-        return OBJECTIVES[self.loss]
-
-    def out_dir(self) -> pathlib.Path:
-        if self.out:
-            return pathlib.Path(self.out)
-        return pathlib.Path("runs") / f"{self.dataset}-{self.loss}-feat{self.feat_dim}"
-
-    def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        # run settings, not the experiment: "conv" picks kernels for the same math
-        for key in ("resume", "quiet", "stop_after", "stop_after_minutes", "devices", "conv"):
-            d.pop(key)
-        return json.loads(json.dumps(d))  # tuples as lists, as read back from config.json
+class ResumeError(RunError):
+    """``--resume`` found no checkpoint, another configuration, or an unreadable train state."""
 
 
-def build_parser(dataset: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"python -m experiments.{dataset}",
-        description=f"Train and evaluate a metric-learning loss on {dataset} (LeNet++ for "
-        "MNIST-likes, a small ResNet for CIFAR-10). Writes metrics (JSON lines), a summary, "
-        "feature plots and orbax checkpoints to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    losses_help = "; ".join(f"{k}: {o.help}" for k, o in OBJECTIVES.items())
-    p.add_argument("--loss", default="standalone", choices=list(OBJECTIVES), help=losses_help)
-    p.add_argument("--feat-dim", type=int, default=2, help="embedding dimension (seed 001: 2, 128)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (seed 001: 128)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate (seed 001: 0.01)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    p.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=0.5,
-        help="linear warm-up length before cosine decay to 0",
-    )
-    p.add_argument(
-        "--clip-norm",
-        type=float,
-        default=5.0,
-        help="clip gradients to this global norm; each epoch's metrics give the mean norm "
-        "before clipping (grad_norm) and the share of steps clipped (clipped_fraction)",
-    )
-    p.add_argument(
-        "--augment",
-        default="none",
-        choices=list(AUGMENTATIONS),
-        help="random augmentation of training batches (experiments/augment.py): shift moves "
-        "each image by up to --max-shift pixels; shift-flip also mirrors half of them "
-        "(clothes, CIFAR; not digits). Seed 001 uses none",
-    )
-    p.add_argument("--max-shift", type=int, default=2, help="largest --augment shift in pixels")
-    p.add_argument("--weight-cent", type=float, default=1.0, help="λ of softmax + λ·center (cent)")
-    p.add_argument("--alpha", type=float, default=0.5, help="center learning rate α (Wen et al.)")
-    p.add_argument("--weight-intra", type=float, default=1.0, help="standalone: intra weight")
-    p.add_argument("--weight-inter", type=float, default=0.1, help="standalone: inter weight")
-    p.add_argument(
-        "--inter-eps",
-        type=float,
-        default=LossConfig.inter_eps,
-        help="standalone: ε in the inter term's log(‖x_i − x_j‖² + ε); a pair's gradient is "
-        "at most 1/sqrt(ε) (1e-12: pytorch-center-loss's distance floor)",
-    )
-    p.add_argument(
-        "--margin",
-        type=float,
-        default=None,
-        help="loss margin (contrastive m, triplet α, triplet-center m, circle m, "
-        "CosFace/ArcFace m); default: the loss's own",
-    )
-    p.add_argument(
-        "--scale",
-        type=float,
-        default=None,
-        help="loss scale (circle γ, CosFace/ArcFace s, SphereFace s); default: the loss's own",
-    )
-    p.add_argument(
-        "--mining",
-        default="semihard",
-        choices=["semihard", "batch_hard", "all", "semihard_band"],
-        help="triplet mining",
-    )
-    p.add_argument(
-        "--center-update",
-        default="alpha",
-        choices=["alpha", "sgd"],
-        help="alpha: Wen et al.'s α rule; sgd: centers as parameters (pytorch-center-loss, "
-        "SGD lr --center-lr, gradients scaled by 1/weight_cent)",
-    )
-    p.add_argument("--center-lr", type=float, default=0.5, help="lr of centers with sgd update")
-    p.add_argument(
-        "--samples-per-class",
-        type=int,
-        default=None,
-        help="pair/triplet losses: batches of batch_size/samples_per_class classes, "
-        "samples_per_class images each; default: the smallest m >= 4 dividing --batch-size "
-        "with at most as many classes per batch as the dataset has (128 on 10 classes: 16)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="random seed (init and data order)")
-    p.add_argument("--out", default=None, help="output directory (default runs/DATASET-LOSS-featD)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="directory with IDX files or a TFDS data_dir (see mlx_jax.data for sources)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="use the first N examples per split")
-    p.add_argument(
-        "--eval-train-limit",
-        type=int,
-        default=10_000,
-        help="training examples embedded at evaluation (class means, kNN, plots)",
-    )
-    p.add_argument("--knn-k", type=int, default=5, help="k of the k-NN accuracy")
-    p.add_argument(
-        "--open-set",
-        type=int,
-        default=None,
-        metavar="K",
-        help="open-set protocol: train without the last K classes and report retrieval, "
-        "VAL@FAR=1e-3, ROC AUC and open-set identification on them (experiments/open_set.py)",
-    )
-    p.add_argument(
-        "--held-out-classes",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="CLASS",
-        help="open-set protocol with these held-out class ids instead of the last K",
-    )
-    p.add_argument("--width", type=int, default=32, help="LeNet++ first-stage channels (paper 32)")
-    p.add_argument(
-        "--init",
-        default=Config.init,
-        choices=list(INITS),
-        help="LeNet++ weight initialisation: flax (LeCun normal, zero bias) or torch "
-        "(PyTorch's uniform ±1/sqrt(fan_in) weights and biases, as seed 001's model)",
-    )
-    p.add_argument(
-        "--conv",
-        default=Config.conv,
-        choices=["auto", *CONVS],
-        help="LeNet++'s convolution kernels (same math): xla (XLA's own), onednn (oneDNN's, "
-        "through XLA's FFI; CPU only, needs pip install 'mlx_jax[onednn]' and a C++ compiler "
-        "for a one-time build; 0.63x XLA's time on LeNet++'s layers on a 2-core AVX2 CPU) or "
-        "auto (default: onednn where it can run, else xla)",
-    )
-    p.add_argument(
-        "--max-loss",
-        type=float,
-        default=Config.max_loss,
-        help="a step whose loss is non-finite or larger than this in magnitude stops the run "
-        "as diverged (finite blow-ups of the standalone loss reached 6e10 here); the "
-        "state stays at the last good step",
-    )
-    p.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        help="stop after this epoch (its checkpoint written), e.g. to time-box a session; "
-        "run again with --resume to continue",
-    )
-    p.add_argument(
-        "--stop-after-minutes",
-        type=float,
-        default=None,
-        metavar="MIN",
-        help="time box for this run: stop (checkpoint written) before an epoch that, going by "
-        "the last epoch's duration, would end after MIN minutes from the start; the first "
-        "epoch of a fresh run always runs. Continue with --resume",
-    )
-    p.add_argument(
-        "--devices",
-        type=int,
-        default=None,
-        help="train data-parallel on the first N local devices (default: all of them, or the "
-        "most that divide both the batch and the device count; on a CPU one device per core, "
-        "experiments/cpu_devices.py): each embeds "
-        "batch_size/N images, the loss sees the whole batch (exact global negatives); "
-        "--batch-size must be divisible by N",
-    )
-    p.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress bar or per-epoch lines (the bar shows only on a terminal anyway)",
-    )
-    return p
-
-
-def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
-    args = build_parser(dataset).parse_args(argv)
-    positive = {
-        "--feat-dim": args.feat_dim,
-        "--epochs": args.epochs,
-        "--batch-size": args.batch_size,
-        "--samples-per-class": 4 if args.samples_per_class is None else args.samples_per_class,
-        "--knn-k": args.knn_k,
-        "--width": args.width,
-        "--eval-train-limit": args.eval_train_limit,
-    }
-    for flag, value in positive.items():
-        if value < 1:
-            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"error: --limit must be >= 1, got {args.limit}")
-    if args.stop_after_minutes is not None and not args.stop_after_minutes > 0:
-        raise SystemExit(f"error: --stop-after-minutes must be > 0, got {args.stop_after_minutes}")
-    if args.max_shift < 0:
-        raise SystemExit(f"error: --max-shift must be >= 0, got {args.max_shift}")
-    if args.lr <= 0:
-        raise SystemExit(f"error: --lr must be > 0, got {args.lr}")
-    if not args.inter_eps > 0:
-        raise SystemExit(f"error: --inter-eps must be > 0, got {args.inter_eps}")
-    if not args.max_loss > 0:
-        raise SystemExit(f"error: --max-loss must be > 0, got {args.max_loss}")
-    if not args.clip_norm > 0:  # also refuses NaN
-        raise SystemExit(f"error: --clip-norm must be > 0, got {args.clip_norm}")
-    if args.devices is not None:
-        _check_devices(args.devices, args.batch_size, "--devices")
-    if args.open_set is not None and args.open_set < 2:
-        raise SystemExit(
-            f"error: --open-set must hold out at least 2 classes (verification needs pairs of "
-            f"different held-out classes), got {args.open_set}"
-        )
-    if (
-        OBJECTIVES[args.loss].balanced_batches
-        and args.samples_per_class is not None
-        and args.batch_size % args.samples_per_class
-    ):
-        raise SystemExit(
-            f"error: --batch-size ({args.batch_size}) must be a multiple of "
-            f"--samples-per-class ({args.samples_per_class}) for --loss {args.loss}"
-        )
-    loss_config = LossConfig(
-        weight_cent=args.weight_cent,
-        alpha=args.alpha,
-        weight_intra=args.weight_intra,
-        weight_inter=args.weight_inter,
-        inter_eps=args.inter_eps,
-        margin=args.margin,
-        scale=args.scale,
-        mining=args.mining,
-    )
-    return Config(
-        dataset=dataset,
-        loss=args.loss,
-        feat_dim=args.feat_dim,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        clip_norm=args.clip_norm,
-        augment=args.augment,
-        max_shift=args.max_shift,
-        center_update=args.center_update,
-        center_lr=args.center_lr,
-        samples_per_class=args.samples_per_class,
-        loss_config=loss_config,
-        seed=args.seed,
-        out=args.out,
-        resume=args.resume,
-        data_dir=args.data_dir,
-        limit=args.limit,
-        eval_train_limit=args.eval_train_limit,
-        knn_k=args.knn_k,
-        open_set=args.open_set,
-        held_out_classes=tuple(args.held_out_classes) if args.held_out_classes else None,
-        width=args.width,
-        init=args.init,
-        conv=args.conv,
-        max_loss=args.max_loss,
-        quiet=args.quiet,
-        stop_after=args.stop_after,
-        stop_after_minutes=args.stop_after_minutes,
-        devices=args.devices,
-    )
+class TrainingDiverged(RunError):
+    """The loss or its gradient became non-finite, or exceeded ``max_loss``."""
 
 
 # ----------------------------------------------------------------------------- devices
 
 
-def _check_devices(devices: int, batch_size: int, flag: str) -> None:
-    available = jax.local_device_count()
-    if not 1 <= devices <= available:
-        raise SystemExit(
-            f"error: {flag} must be in [1, {available}] (local devices), got {devices}"
-        )
-    if batch_size % devices:
-        raise SystemExit(
-            f"error: --batch-size ({batch_size}) must be divisible by the number of devices "
-            f"({devices}, {flag}) so that every device embeds an equal shard"
-        )
-
-
 def default_devices(batch_size: int, available: int) -> int:
     """The most devices that split both ``batch_size`` and the ``available`` local devices
     evenly (all of them when they divide the batch). Meshes over an odd subset of the devices
-    are avoided: 7 of 8 virtual CPU devices deadlocked XLA's all-gather rendezvous here."""
+    are avoided: 7 of 8 virtual CPU devices deadlocked XLA's all-gather rendezvous."""
     return max(n for n in range(1, available + 1) if batch_size % n == 0 and available % n == 0)
 
 
-def _num_devices(cfg: Config) -> int:
-    """Data-parallel device count: ``--devices`` (checked), else :func:`default_devices`."""
-    if cfg.devices is None:
-        return default_devices(cfg.batch_size, jax.local_device_count())
-    _check_devices(cfg.devices, cfg.batch_size, "--devices")
-    return cfg.devices
+def num_devices(config: Config) -> int:
+    """Data-parallel device count: ``config.devices`` (checked), else :func:`default_devices`."""
+    available = jax.local_device_count()
+    if config.devices is None:
+        return default_devices(config.batch_size, available)
+    if not 1 <= config.devices <= available:
+        raise ConfigError(
+            f"--devices must be in [1, {available}] (local devices), got {config.devices}"
+        )
+    return config.devices
 
 
-def _batch_axis(cfg: Config) -> str | None:
+def _batch_axis(config: Config) -> str | None:
     """The mesh axis the batch is split over, or None on one device."""
-    return parallel.DATA_AXIS if _num_devices(cfg) > 1 else None
+    return parallel.DATA_AXIS if num_devices(config) > 1 else None
 
 
-def place_on_devices(cfg: Config, tree):
+def place_on_devices(config: Config, tree):
     """Host arrays to the device, replicated over the data-parallel mesh when there is one."""
-    devices = _num_devices(cfg)
+    devices = num_devices(config)
     if devices == 1:
         return jax.tree.map(jnp.asarray, tree)
     return parallel.replicate(parallel.data_mesh(devices), tree)
@@ -415,45 +106,46 @@ def place_on_devices(cfg: Config, tree):
 # ----------------------------------------------------------------------------- model and state
 
 
-def resolve_conv(conv: str) -> str:
+def resolve_conv(conv: str, process_tuning: bool = True) -> str:
     """``--conv``: "auto" becomes "onednn" where oneDNN's convolutions can run
-    (:mod:`experiments.onednn_conv`), else "xla"; "onednn" where they cannot is an error."""
+    (:mod:`experiments.onednn_conv`) and process tuning is on (:mod:`experiments.tuning`),
+    else "xla"; "onednn" where they cannot run is a :class:`ConfigError` with the reason."""
     if conv not in ("auto", *CONVS):
-        raise ValueError(f"conv must be one of {['auto', *CONVS]}, got {conv!r}")
-    if conv == "xla":
-        return conv
+        raise ConfigError(f"--conv must be one of {['auto', *CONVS]}, got {conv!r}")
+    if conv == "xla" or (conv == "auto" and not tuning.enabled(process_tuning)):
+        return "xla"
     reason = onednn_conv.unavailable_reason()
     if reason is None:
         return "onednn"
     if conv == "onednn":
-        raise SystemExit(f"error: --conv onednn cannot run here: {reason}")
+        raise ConfigError(f"--conv onednn cannot run here: {reason}")
     return "xla"
 
 
-def build_model(cfg: Config, image_shape: tuple[int, ...], num_classes: int) -> EmbeddingModel:
-    rngs = nnx.Rngs(cfg.seed)
+def build_model(config: Config, image_shape: tuple[int, ...], num_classes: int) -> EmbeddingModel:
+    rngs = nnx.Rngs(config.seed)
     channels = image_shape[-1]
-    if cfg.dataset == "cifar10":
-        backbone = SmallResNet(channels, cfg.feat_dim, axis_name=_batch_axis(cfg), rngs=rngs)
+    if config.dataset == "cifar10":
+        backbone = SmallResNet(channels, config.feat_dim, axis_name=_batch_axis(config), rngs=rngs)
     else:
         backbone = LeNetPlusPlus(
             channels,
-            cfg.feat_dim,
-            width=cfg.width,
-            init=cfg.init,
-            conv=resolve_conv(cfg.conv),
-            conv_threads=onednn_conv.threads_per_device(_num_devices(cfg)),
+            config.feat_dim,
+            width=config.width,
+            init=config.init,
+            conv=resolve_conv(config.conv, config.process_tuning),
+            conv_threads=onednn_conv.threads_per_device(num_devices(config)),
             rngs=rngs,
         )
-    objective = cfg.objective
+    objective = config.objective
     return EmbeddingModel(
         backbone,
-        cfg.feat_dim,
+        config.feat_dim,
         num_classes,
         classifier=objective.classifier,
         class_weights=objective.class_weights,
         centers=objective.centers,
-        trainable_centers=cfg.center_update == "sgd",
+        trainable_centers=config.center_update == "sgd",
         rngs=rngs,
     )
 
@@ -462,24 +154,25 @@ def _is_center_path(path) -> bool:
     return any(getattr(k, "key", None) == "centers" for k in path)
 
 
-def build_optimizer(cfg: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+def build_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
     """SGD with Nesterov momentum, weight decay, warm-up + cosine decay, global-norm clipping.
 
     Trainable centers (``--center-update sgd``) get their own plain SGD (pytorch-center-loss:
     lr 0.5, gradients scaled by 1/weight_cent so λ does not change how fast centers move).
     """
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 0), total)
+    total = max(config.epochs * steps_per_epoch, 1)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, max(warmup, 0), total)
     net = optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.add_decayed_weights(cfg.weight_decay),
-        optax.sgd(schedule, momentum=cfg.momentum, nesterov=True),
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.momentum, nesterov=True),
     )
-    if not (cfg.objective.centers and cfg.center_update == "sgd"):
+    if not (config.objective.centers and config.center_update == "sgd"):
         return net
-    center_scale = 1.0 / cfg.loss_config.weight_cent if cfg.loss == "cent" else 1.0
-    centers = optax.chain(optax.scale(center_scale), optax.sgd(cfg.center_lr))
+    weight_cent = config.loss_config.weight_cent
+    center_scale = 1.0 / weight_cent if config.loss == "cent" and weight_cent > 0 else 1.0
+    centers = optax.chain(optax.scale(center_scale), optax.sgd(config.center_lr))
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
@@ -507,7 +200,8 @@ class TrainState:
     health: Health
 
 
-def _term_names(objective: Objective) -> list[str]:
+def term_names(objective: Objective) -> list[str]:
+    """Names of the objective's loss terms, as logged and kept in :class:`Health`."""
     names = {
         "xent": ["softmax"],
         "cent": ["softmax", "center"],
@@ -523,29 +217,28 @@ def initial_state(graph, objective: Objective) -> TrainState:
         bad_step=zero - 1,
         bad_loss=jnp.zeros((), jnp.float32),
         last_good_step=zero - 1,
-        last_terms={n: jnp.zeros((), jnp.float32) for n in _term_names(objective)},
+        last_terms={n: jnp.zeros((), jnp.float32) for n in term_names(objective)},
     )
     return TrainState(graph=graph, step=zero, health=health)
 
 
-def make_train_step(cfg: Config, graphdef):
+def make_train_step(config: Config, graphdef):
     """The jitted step ``(state, images, labels, order, index) -> (state, stats)``.
 
     ``stats`` is a [5] float32 vector, zero where the step was skipped (diverged): the loss,
     the batch's correct predictions (NaN without a scorer), whether the step was applied, the
     global gradient norm before clipping, and whether clipping scaled it down.
 
-    With more than one device (``--devices``) the step body runs under ``jax.shard_map`` over a
-    1-D ``"data"`` mesh (:mod:`mlx_jax.parallel`): each device embeds its batch_size/N images,
-    the loss terms see the all-gathered global batch (every device evaluates them; ``pmean``
-    keeps the gradients exact), gradients of the replicated parameters are summed over the
-    devices by shard_map, and the centers' α rule sums its per-class statistics over them — so
-    the step equals the single-device step on the same batch. On one device the helpers are
-    identities and the step is the plain one.
+    With more than one device the step body runs under ``jax.shard_map`` over a 1-D
+    ``"data"`` mesh (:mod:`mlx_jax.parallel`): each device embeds its batch_size/N images,
+    the loss terms see the all-gathered global batch (``pmean`` keeps the gradients exact),
+    gradients of the replicated parameters are summed over the devices, and the centers'
+    α rule sums its per-class statistics over them — so the step equals the single-device step
+    on the same batch. On one device the helpers are identities.
     """
-    objective = cfg.objective
-    alpha_centers = objective.centers and cfg.center_update == "alpha"
-    axis = _batch_axis(cfg)
+    objective = config.objective
+    alpha_centers = objective.centers and config.center_update == "alpha"
+    axis = _batch_axis(config)
 
     def step_on_shard(state: TrainState, x, y):
         model, optimizer = nnx.merge(graphdef, state.graph)
@@ -554,7 +247,7 @@ def make_train_step(cfg: Config, graphdef):
             features = model(x)
             batch_features, batch_labels = parallel.gather_batch((features, y), axis)
             terms = objective.terms(
-                model, batch_features, batch_labels, state.step, cfg.loss_config
+                model, batch_features, batch_labels, state.step, config.loss_config
             )
             terms = parallel.mean_over_devices(terms, axis)
             return sum(terms.values()), (features, terms)
@@ -562,11 +255,11 @@ def make_train_step(cfg: Config, graphdef):
         (loss, (features, terms)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
         if alpha_centers:
-            model.centers.update(features, y, cfg.loss_config.alpha, axis_name=axis)
+            model.centers.update(features, y, config.loss_config.alpha, axis_name=axis)
         new_graph = nnx.state((model, optimizer))
         grad_norm = optax.tree.norm(grads)  # before clipping: how hard --clip-norm bites
-        # A finite blow-up (loss 6e10 here) is as lost as a NaN: stop on either.
-        healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= cfg.max_loss)
+        # A finite blow-up is as lost as a NaN: stop on either.
+        healthy = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (jnp.abs(loss) <= config.max_loss)
         ok = healthy & ~state.health.diverged
         graph = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_graph, state.graph)
         h = state.health
@@ -584,19 +277,19 @@ def make_train_step(cfg: Config, graphdef):
                 correct,
                 ok.astype(jnp.float32),
                 jnp.where(ok, grad_norm, 0.0),
-                (ok & (grad_norm > cfg.clip_norm)).astype(jnp.float32),
+                (ok & (grad_norm > config.clip_norm)).astype(jnp.float32),
             ]
         )
         return TrainState(graph=graph, step=state.step + ok, health=health), stats
 
     if axis is not None:
-        mesh = parallel.data_mesh(_num_devices(cfg))
+        mesh = parallel.data_mesh(num_devices(config))
         step_on_shard = parallel.data_parallel(step_on_shard, mesh, batch_argnums=(1, 2))
 
     def train_step(state: TrainState, images, labels, order, index):
         idx = order[index]
-        key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
-        batch = augment(images[idx], key, cfg.augment, cfg.max_shift)
+        key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+        batch = augment(images[idx], key, config.augment, config.max_shift)
         return step_on_shard(state, batch, labels[idx])
 
     return jax.jit(train_step, donate_argnums=0)
@@ -618,28 +311,53 @@ def _batch_correct(objective: Objective, model, features, labels) -> jax.Array:
 
 # ----------------------------------------------------------------------------- evaluation
 
+Embed = Callable[[Any, np.ndarray, str], np.ndarray]
 
-def make_embed(graphdef, batch_size: int = 1000):
+
+def make_embed(graphdef, config: Config, chunk: int = 1000) -> Embed:
+    """``embed(graph, images, description) -> features``: the model in eval mode over chunks
+    of images, each chunk split over the data-parallel devices (one compiled shape: the last
+    chunk is padded), with a progress bar named ``description`` on a terminal."""
+    devices = num_devices(config)
+    chunk = -(-chunk // devices) * devices
+    sharding = parallel.batch_sharding(parallel.data_mesh(devices)) if devices > 1 else None
+
     @jax.jit
     def embed_chunk(graph, images):
         model, _ = nnx.merge(graphdef, graph)
         return model(images)
 
-    def embed(graph, images: np.ndarray) -> np.ndarray:
+    def embed(graph, images: np.ndarray, description: str) -> np.ndarray:
         out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pad = batch_size - len(chunk)
-            if pad:  # one compiled shape: pad the last chunk
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(embed_chunk(graph, chunk))[: batch_size - pad])
+        starts = range(0, len(images), chunk)
+        for start in _progress(starts, description, config.quiet):
+            part = images[start : start + chunk]
+            pad = chunk - len(part)
+            if pad:
+                part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+            part = jax.device_put(part, sharding) if sharding is not None else part
+            out.append(np.asarray(embed_chunk(graph, part))[: chunk - pad])
         return np.concatenate(out)
 
     return embed
 
 
-def evaluate(cfg: Config, model: EmbeddingModel, train_f, train_y, test_f, test_y, num_classes):
-    objective = cfg.objective
+def _progress(iterable, description: str, quiet: bool):
+    """A tqdm bar on a terminal (none when quiet or when stderr is not a terminal)."""
+    return tqdm(
+        iterable,
+        desc=description,
+        disable=quiet or None,  # None: no bar when stderr is not a terminal
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def closed_set_metrics(
+    config: Config, model: EmbeddingModel, train_f, train_y, test_f, test_y, num_classes: int
+) -> dict[str, float]:
+    """The closed-set metrics of one evaluation; ``accuracy`` is the objective's own scorer."""
+    objective = config.objective
     result: dict[str, float] = {}
     if objective.classifier:
         result["argmax_accuracy"] = metrics.argmax_accuracy(model.classifier(test_f), test_y)
@@ -649,7 +367,7 @@ def evaluate(cfg: Config, model: EmbeddingModel, train_f, train_y, test_f, test_
         result["center_accuracy"] = metrics.nearest_center_accuracy(test_f, test_y, model.centers())
     means = metrics.class_means(train_f, train_y, num_classes)
     result["class_mean_accuracy"] = metrics.nearest_center_accuracy(test_f, test_y, means)
-    result["knn_accuracy"] = metrics.knn_accuracy(test_f, test_y, train_f, train_y, k=cfg.knn_k)
+    result["knn_accuracy"] = metrics.knn_accuracy(test_f, test_y, train_f, train_y, k=config.knn_k)
     retrieval = metrics.retrieval_metrics(test_f, test_y, metric=objective.metric)
     result["precision_at_1"] = retrieval["precision_at_1"]
     result["map_at_r"] = retrieval["map_at_r"]
@@ -667,25 +385,90 @@ def evaluate(cfg: Config, model: EmbeddingModel, train_f, train_y, test_f, test_
 # ----------------------------------------------------------------------------- the run
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run builds once: data, model functions, checkpoints, output paths."""
+
+    config: Config
+    workdir: pathlib.Path
+    dataset: data_lib.Dataset  # the training classes (seen classes with --open-set)
+    open_data: open_set_lib.OpenSetData | None
+    class_names: Sequence[str]  # of every class, held-out ones included
+    steps: int  # per epoch
+    eval_graphdef: Any
+    train_step: Callable
+    embed: Embed
+    images: jax.Array  # training images on the devices
+    labels: jax.Array
+    manager: ocp.CheckpointManager
+    log: Callable[..., None]
+    started: float
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.workdir / "metrics.jsonl"
+
+    def frame_path(self, epoch: int) -> pathlib.Path:
+        return self.workdir / "plots" / f"epoch_{epoch:03d}.npz"
 
 
-def _epoch_order(cfg: Config, labels: np.ndarray, epoch: int, steps: int) -> np.ndarray:
-    """[steps, batch] indices of one epoch, a pure function of (seed, epoch)."""
-    seed = cfg.seed * 100_003 + epoch
-    if cfg.objective.balanced_batches:
-        batches = data_lib.class_balanced_batches(
-            labels, cfg.batch_size, cfg.samples_per_class, seed, num_batches=steps
+def _samples_per_class(config: Config, num_classes: int) -> int:
+    """m of class-balanced batches: --samples-per-class, else the smallest m >= 4 (FaceNet and
+    PML's MPerClassSampler use few per class) that divides the batch into 2 to ``num_classes``
+    classes (a batch needs two classes for negatives)."""
+    if config.samples_per_class is not None:
+        m = config.samples_per_class
+        if config.batch_size // m > num_classes:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} / --samples-per-class {m} = "
+                f"{config.batch_size // m} classes per batch, but the training set has "
+                f"{num_classes}; raise --samples-per-class"
+            )
+        return m
+    for m in range(4, config.batch_size // 2 + 1):
+        if config.batch_size % m == 0 and 2 <= config.batch_size // m <= num_classes:
+            return m
+    raise ConfigError(
+        f"--batch-size {config.batch_size} cannot be split into 2 to {num_classes} classes "
+        "of at least 4 samples each; choose another --batch-size or set --samples-per-class"
+    )
+
+
+def _open_set_data(config: Config, dataset: data_lib.Dataset) -> open_set_lib.OpenSetData | None:
+    """The open-set split of --open-set / --held-out-classes, or None (closed set)."""
+    if config.open_set is None and config.held_out_classes is None:
+        return None
+    try:
+        split = open_set_lib.class_split(
+            dataset.num_classes,
+            open_set=config.open_set,
+            held_out=config.held_out_classes,
+            class_names=dataset.class_names,
         )
-        order = np.stack([np.asarray(b) for b in batches])
-    else:
-        permutation = np.random.default_rng(seed).permutation(len(labels))
-        order = permutation[: steps * cfg.batch_size].reshape(steps, cfg.batch_size)
-    return order.astype(np.int32)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return open_set_lib.split_dataset(dataset, split)
 
 
-def _checkpoint_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+def _check_data_dir(config: Config) -> None:
+    """A --data-dir that does not exist is a typo more often than a wish for a new folder."""
+    if config.data_dir is None or config.create_data_dir:
+        return
+    path = pathlib.Path(config.data_dir).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"--data-dir {config.data_dir} does not exist; give an existing folder, or add "
+            "--create-data-dir to create it and prepare the dataset there"
+        )
+
+
+def checkpoint_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    """Keeps the ``keep`` newest epochs plus the best by accuracy; saves synchronously, so an
+    epoch's checkpoint is complete when :func:`record_epoch` returns."""
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [
             ocp.checkpoint_managers.LatestN(keep),
@@ -698,361 +481,224 @@ def _checkpoint_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointMan
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
-def _summary_table(rows: list[dict]) -> str:
-    keys = [
-        "epoch",
-        "loss",
-        "train_accuracy",
-        "accuracy",
-        "knn_accuracy",
-        "precision_at_1",
-        "map_at_r",
-        "intra_inter_ratio",
-        "grad_norm",
-        "clipped_fraction",
-        "open_precision_at_1",
-        "open_map_at_r",
-        "open_val_at_far",
-        "open_auc",
-        "open_identification_rate",
-        "open_fpir",
-        "seconds",
-    ]
-    keys = [k for k in keys if any(k in r for r in rows)]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k, "")
-            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def latest_checkpoint(workdir: str | os.PathLike) -> tuple[int, pathlib.Path] | None:
+    """(epoch, folder) of the newest complete checkpoint in ``workdir``, or None."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    latest = ocp.step.latest_step_metadata(directory, ocp.step.standard_name_format())
+    if latest is None:
+        return None
+    return latest.step, directory / latest.path.name
 
 
-def run(cfg: Config) -> dict:
-    """Trains and evaluates; returns the final summary (also written to OUT/summary.json)."""
+def prepare(config: Config, workdir: pathlib.Path, log: Callable[..., None]) -> Experiment:
+    """Loads the data and builds everything the epochs use (see :class:`Experiment`)."""
     started = time.time()
-    out = cfg.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, flush=True))
-    if cfg.quiet:
-        import tensorflow_datasets as tfds
-
-        tfds.disable_progress_bar()  # its one-time dataset preparation bars
-    dataset = data_lib.load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit)
+    _check_data_dir(config)
+    num_devices(config)  # --devices within the local devices: fail before loading data
+    if config.quiet:
+        data_lib.disable_progress_bars()
+    dataset = data_lib.load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        limit=config.limit,
+        create_data_dir=config.create_data_dir,
+    )
     log(
         f"data: {dataset.source}: {len(dataset.train_labels)} train, "
         f"{len(dataset.test_labels)} test"
     )
-    all_class_names = dataset.class_names
-    open_data = _open_set_data(cfg, dataset)
+    class_names = dataset.class_names
+    open_data = _open_set_data(config, dataset)
     if open_data is not None:
         dataset = open_data.seen
-        held_out = ", ".join(f"{c} ({all_class_names[c]})" for c in open_data.split.held_out)
+        held_out = ", ".join(f"{c} ({class_names[c]})" for c in open_data.split.held_out)
         log(f"open set: training on {dataset.num_classes} classes, held out: {held_out}")
-    num_classes = dataset.num_classes
     side = min(dataset.train_images.shape[1:3])
-    if cfg.max_shift >= side:
-        raise SystemExit(f"error: --max-shift must be < the image side {side}, got {cfg.max_shift}")
-    if cfg.objective.balanced_batches:
-        cfg = dataclasses.replace(cfg, samples_per_class=_samples_per_class(cfg, num_classes))
-    steps = len(dataset.train_labels) // cfg.batch_size
+    if config.max_shift >= side:
+        raise ConfigError(f"--max-shift must be < the image side {side}, got {config.max_shift}")
+    if config.objective.balanced_batches:
+        m = _samples_per_class(config, dataset.num_classes)
+        config = dataclasses.replace(config, samples_per_class=m)
+    steps = len(dataset.train_labels) // config.batch_size
     if steps < 1:
-        raise SystemExit(
-            f"error: {len(dataset.train_labels)} training examples make no batch of "
-            f"{cfg.batch_size}; raise --limit or lower --batch-size"
+        raise ConfigError(
+            f"{len(dataset.train_labels)} training examples make no batch of "
+            f"{config.batch_size}; raise --limit or lower --batch-size"
         )
 
-    model = build_model(cfg, dataset.train_images.shape[1:], num_classes)
-    optimizer = nnx.Optimizer(model, build_optimizer(cfg, steps), wrt=nnx.Param)
+    model = build_model(config, dataset.train_images.shape[1:], dataset.num_classes)
+    optimizer = nnx.Optimizer(model, build_optimizer(config, steps), wrt=nnx.Param)
     model.eval()
     eval_graphdef, _ = nnx.split((model, optimizer))
     model.train()
-    graphdef, graph = nnx.split((model, optimizer))
-    state = place_on_devices(cfg, initial_state(graph, cfg.objective))
-    devices = _num_devices(cfg)
-    conv = "" if cfg.dataset == "cifar10" else f"; convolutions: {resolve_conv(cfg.conv)}"
+    graphdef, _ = nnx.split((model, optimizer))
+    devices = num_devices(config)
+    conv = (
+        ""
+        if config.dataset == "cifar10"
+        else f"; convolutions: {resolve_conv(config.conv, config.process_tuning)}"
+    )
     log(
-        f"devices: {devices} × {jax.devices()[0].platform}, {cfg.batch_size // devices} images "
-        f"each{conv}"
+        f"devices: {devices} × {jax.devices()[0].platform}, {config.batch_size // devices} "
+        f"images each{conv}"
+    )
+    return Experiment(
+        config=config,
+        workdir=workdir,
+        dataset=dataset,
+        open_data=open_data,
+        class_names=class_names,
+        steps=steps,
+        eval_graphdef=eval_graphdef,
+        train_step=make_train_step(config, graphdef),
+        embed=make_embed(eval_graphdef, config),
+        images=place_on_devices(config, dataset.train_images),
+        labels=place_on_devices(config, dataset.train_labels),
+        manager=checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints),
+        log=log,
+        started=started,
     )
 
-    config_path = out / "config.json"
-    metrics_path = out / "metrics.jsonl"
-    manager = _checkpoint_manager(out / "checkpoints", cfg.keep_checkpoints)
-    start_epoch = 0
-    history: list[dict] = []
-    if cfg.resume and manager.latest_step() is not None:
-        saved = json.loads(config_path.read_text())
-        current = cfg.to_json()
-        # A flag added after the run started was at its default there.
-        defaults = Config(dataset=cfg.dataset).to_json()
-        saved = {**{k: defaults[k] for k in current.keys() - saved.keys()}, **saved}
-        saved["out"] = current["out"]  # a run directory may move (another clone, a copy)
-        if saved != current:
-            diff = {k for k in saved if saved[k] != current.get(k)}
-            raise SystemExit(f"error: --resume with a different configuration ({sorted(diff)})")
-        latest = manager.latest_step()
+
+def _initial_train_state(exp: Experiment) -> TrainState:
+    model = build_model(exp.config, exp.dataset.train_images.shape[1:], exp.num_classes)
+    optimizer = nnx.Optimizer(model, build_optimizer(exp.config, exp.steps), wrt=nnx.Param)
+    model.train()
+    _, graph = nnx.split((model, optimizer))
+    return place_on_devices(exp.config, initial_state(graph, exp.config.objective))
+
+
+def restore_or_start(exp: Experiment) -> tuple[TrainState, list[dict]]:
+    """The state to train from and the metrics of the epochs already done.
+
+    ``resume="no"`` refuses a workdir with checkpoints; ``"yes"`` needs one; ``"auto"``
+    resumes when there is one. A resumed run must have the stored configuration (run settings
+    aside): every differing key is named with its stored and new value.
+    """
+    config, workdir = exp.config, exp.workdir
+    state = _initial_train_state(exp)
+    latest = resume_point(config, workdir)
+    config_path = workdir / "config.json"
+    if latest is None:
+        history: list[dict] = []
+    else:
+        stored = json.loads(config_path.read_text()) if config_path.exists() else {}
+        differences = stored_differences(stored, config)
+        if differences:
+            listed = "; ".join(
+                f"{key}: stored {old!r}, now {new!r}" for key, (old, new) in differences.items()
+            )
+            raise ResumeError(
+                f"--resume with a different configuration than the run in {workdir}: {listed}. "
+                "Use the stored values, or start afresh in another --workdir"
+            )
         try:
-            state = manager.restore(latest, args=ocp.args.StandardRestore(state))
+            state = exp.manager.restore(latest, args=ocp.args.StandardRestore(state))
         except ValueError as error:  # orbax: tree structure, shape or dtype mismatch
             reason = str(error).strip().splitlines()[0]  # the rest is pages of tree dumps
-            raise SystemExit(
-                f"error: --resume cannot read the epoch-{latest} checkpoint in "
-                f"{manager.directory}: its train state does not match this version's "
+            raise ResumeError(
+                f"--resume cannot read the epoch-{latest} checkpoint in "
+                f"{exp.manager.directory}: its train state does not match this version's "
                 f"({reason}); it was written by another version of mlx_jax: rerun that "
-                "version to finish it, or start afresh in another --out"
+                "version to finish it, or start afresh in another --workdir"
             ) from error
-        start_epoch = latest
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        lines = exp.metrics_path.read_text().splitlines() if exp.metrics_path.exists() else []
+        history = [json.loads(line) for line in lines if line.strip()]
         history = [h for h in history if h["epoch"] <= latest]
-        log(f"resumed from epoch {latest} (step {int(state.step)})")
-    elif manager.latest_step() is not None:
-        raise SystemExit(
-            f"error: {out} holds checkpoints of an earlier run; pass --resume to continue it "
-            "or choose another --out"
-        )
-    config_path.write_text(json.dumps(cfg.to_json(), indent=2))
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    train_step = make_train_step(cfg, graphdef)
-    embed = make_embed(eval_graphdef)
-    images = place_on_devices(cfg, dataset.train_images)
-    labels = place_on_devices(cfg, dataset.train_labels)
-    eval_n = min(cfg.eval_train_limit, len(dataset.train_labels))
-    frames: list[pathlib.Path] = sorted((out / "plots").glob("epoch_*.png"))
-    frames = [f for f in frames if int(f.stem.split("_")[1]) <= start_epoch]
-
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if _next_epoch_passes_time_box(cfg, started, history):
-            log(
-                f"stopped before epoch {epoch}: it would end after --stop-after-minutes "
-                f"{cfg.stop_after_minutes:g}; continue with --resume"
-            )
-            return {"stopped_after": epoch - 1, "history": history}
-        t0 = time.time()
-        order = place_on_devices(cfg, _epoch_order(cfg, dataset.train_labels, epoch, steps))
-        totals = jnp.zeros(5)
-        bar = tqdm(
-            range(steps),
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=cfg.quiet or None,  # None: no bar when stderr is not a terminal
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for i in bar:
-            state, stats = train_step(state, images, labels, order, i)
-            totals = totals + stats
-            if (i + 1) % cfg.progress_every == 0 or i + 1 == steps:
-                loss_sum, correct, good = (float(v) for v in totals[:3])
-                if bool(state.health.diverged):
-                    bar.close()
-                    _report_divergence(cfg, state, manager, epoch)
-                acc = correct / max(good * cfg.batch_size, 1)
-                bar.set_postfix(
-                    loss=f"{loss_sum / max(good, 1):.4f}",
-                    **({} if math.isnan(acc) else {"acc": f"{acc:.4f}"}),
-                )
-        bar.close()
-        loss_sum, correct, good, norm_sum, clipped = (float(v) for v in totals)
-        train_seconds = time.time() - t0
-
-        model, _ = nnx.merge(eval_graphdef, state.graph)
-        train_f = embed(state.graph, dataset.train_images[:eval_n])
-        test_f = embed(state.graph, dataset.test_images)
-        train_y, test_y = dataset.train_labels[:eval_n], dataset.test_labels
-        row = {"epoch": epoch, "step": int(state.step), "loss": loss_sum / max(good, 1)}
-        if not math.isnan(correct):
-            row["train_accuracy"] = correct / max(good * cfg.batch_size, 1)
-        # Mean pre-clip gradient norm and the share of steps --clip-norm scaled down: a share
-        # near 1 means the step size is set by the clip, not by --lr (BENCHMARKS.md, standalone).
-        row["grad_norm"] = norm_sum / max(good, 1)
-        row["clipped_fraction"] = clipped / max(good, 1)
-        row.update(evaluate(cfg, model, train_f, train_y, test_f, test_y, num_classes))
-        frame = out / "plots" / f"epoch_{epoch:03d}.png"
-        frame.parent.mkdir(exist_ok=True)
-        title = f"{cfg.dataset} {cfg.loss} feat={cfg.feat_dim} epoch {epoch}"
-        if open_data is None:
-            viz.train_test_figure(
-                train_f,
-                train_y,
-                test_f,
-                test_y,
-                frame,
-                title=title,
-                class_names=dataset.class_names,
-            )
-        else:
-            row.update(
-                _evaluate_open_set(
-                    cfg,
-                    open_data,
-                    embed,
-                    state.graph,
-                    train_f,
-                    test_f,
-                    frame,
-                    title,
-                    all_class_names,
-                )
-            )
-        frames.append(frame)
-        row["seconds"] = time.time() - t0
-        row["train_seconds"] = train_seconds
-        # The epoch's line before its checkpoint: a run killed between the two resumes from
-        # the previous checkpoint and drops the line, instead of skipping the epoch's metrics.
-        history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        manager.save(
-            epoch, args=ocp.args.StandardSave(state), metrics={"accuracy": row["accuracy"]}
-        )
-        manager.wait_until_finished()
-        log(
-            f"epoch {epoch}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
-            f"knn {row['knn_accuracy']:.4f} P@1 {row['precision_at_1']:.4f} "
-            f"({row['seconds']:.0f}s)"
-        )
-        if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < cfg.epochs:
-            log(f"stopped after epoch {epoch} (--stop-after); continue with --resume")
-            return {"stopped_after": epoch, "history": history}
-
-    if frames:
-        viz.make_gif(frames, out / "features.gif")
-    best = max(history, key=lambda h: h["accuracy"]) if history else {}
-    summary = {
-        "dataset": cfg.dataset,
-        "loss": cfg.loss,
-        "feat_dim": cfg.feat_dim,
-        "epochs": len(history),
-        "final": history[-1] if history else {},
-        "best": best,
-        "data_source": dataset.source,
-        "devices": _num_devices(cfg),  # of this (last) segment; the math is the same on any
-        "checkpoints": str((out / "checkpoints").resolve()),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = _summary_table(history)
-    (out / "summary.md").write_text(table + "\n")
-    log(table)
-    return summary
+        # said even with --quiet: what --resume found is part of the run's record
+        print(f"resumed from epoch {latest} (step {int(state.step)})", flush=True)
+    config_path.write_text(json.dumps(config.to_json(), indent=2))
+    exp.metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    return state, history
 
 
-def _next_epoch_passes_time_box(cfg: Config, started: float, history: list[dict]) -> bool:
-    """Whether an epoch as long as the last one (resumed ones count) would end past the time box.
+def resume_point(config: Config, workdir: pathlib.Path) -> int | None:
+    """The epoch to resume from, or None to start afresh, by ``config.resume``.
 
-    Without a finished epoch there is no estimate, so a fresh run always trains its first epoch.
+    Raises:
+      ResumeError: ``"yes"`` without a checkpoint, or ``"no"`` over an earlier run's.
     """
-    if cfg.stop_after_minutes is None or not history:
-        return False
-    return time.time() - started + history[-1]["seconds"] > 60 * cfg.stop_after_minutes
-
-
-def _samples_per_class(cfg: Config, num_classes: int) -> int:
-    """m of class-balanced batches: --samples-per-class, else the smallest m >= 4 (FaceNet and
-    PML's MPerClassSampler use few per class) that divides the batch into 2 to ``num_classes``
-    classes (a batch needs two classes for negatives)."""
-    if cfg.samples_per_class is not None:
-        m = cfg.samples_per_class
-        if cfg.batch_size // m > num_classes:
-            raise SystemExit(
-                f"error: --batch-size {cfg.batch_size} / --samples-per-class {m} = "
-                f"{cfg.batch_size // m} classes per batch, but the training set has "
-                f"{num_classes}; raise --samples-per-class"
-            )
-        return m
-    for m in range(4, cfg.batch_size // 2 + 1):
-        if cfg.batch_size % m == 0 and 2 <= cfg.batch_size // m <= num_classes:
-            return m
-    raise SystemExit(
-        f"error: --batch-size {cfg.batch_size} cannot be split into 2 to {num_classes} classes "
-        "of at least 4 samples each; choose another --batch-size or set --samples-per-class"
-    )
-
-
-def _open_set_data(cfg: Config, dataset: data_lib.Dataset) -> open_set_lib.OpenSetData | None:
-    """The open-set split of --open-set / --held-out-classes, or None (closed set)."""
-    if cfg.open_set is None and cfg.held_out_classes is None:
-        return None
-    try:
-        split = open_set_lib.class_split(
-            dataset.num_classes,
-            open_set=cfg.open_set,
-            held_out=cfg.held_out_classes,
-            class_names=dataset.class_names,
+    latest = latest_checkpoint(workdir)
+    if latest is None and config.resume == "yes":
+        raise ResumeError(
+            f"--resume: there is no checkpoint in {workdir / 'checkpoints'} to continue "
+            "from; drop --resume to start afresh, or use --resume=auto"
         )
-        return open_set_lib.split_dataset(dataset, split)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    if latest is not None and config.resume == "no":
+        raise ResumeError(
+            f"{workdir} holds checkpoints of an earlier run (newest: epoch {latest[0]}); pass "
+            "--resume to continue it or choose another --workdir"
+        )
+    return None if latest is None else latest[0]
 
 
-def _evaluate_open_set(
-    cfg: Config,
-    data: open_set_lib.OpenSetData,
-    embed,
-    graph,
-    seen_train_f: np.ndarray,
-    seen_test_f: np.ndarray,
-    frame: pathlib.Path,
-    title: str,
-    class_names: Sequence[str],
-) -> dict[str, float]:
-    """Open-set metrics on the held-out classes; the feature plot with them hollow; ROC PNG.
+def _epoch_order(config: Config, labels: np.ndarray, epoch: int, steps: int) -> np.ndarray:
+    """[steps, batch] indices of one epoch, a pure function of (seed, epoch)."""
+    seed = config.seed * 100_003 + epoch
+    if config.objective.balanced_batches:
+        batches = data_lib.class_balanced_batches(
+            labels, config.batch_size, config.samples_per_class, seed, num_batches=steps
+        )
+        order = np.stack([np.asarray(b) for b in batches])
+    else:
+        permutation = np.random.default_rng(seed).permutation(len(labels))
+        order = permutation[: steps * config.batch_size].reshape(steps, config.batch_size)
+    return order.astype(np.int32)
 
-    Enrollment images per held-out class match the seen classes' (the evaluation subset of
-    ``--eval-train-limit`` training images spread over the seen classes)."""
-    seen_train_y = data.seen_train_original[: len(seen_train_f)]
-    seen_test_y = data.seen_test_original
-    enroll_n = len(seen_train_f) * len(data.split.held_out) // len(data.split.seen)
-    held_train_f = embed(graph, data.held_out_train_images[:enroll_n])
-    held_train_y = data.held_out_train_labels[:enroll_n]
-    held_test_f = embed(graph, data.held_out_test_images)
-    held_test_y = data.held_out_test_labels
-    result, (roc_far, roc_val) = open_set_lib.evaluate_open_set(
-        metric=cfg.objective.metric,
-        seen_train=seen_train_f,
-        seen_train_labels=seen_train_y,
-        seen_test=seen_test_f,
-        seen_test_labels=seen_test_y,
-        held_out_train=held_train_f,
-        held_out_train_labels=held_train_y,
-        held_out_test=held_test_f,
-        held_out_test_labels=held_test_y,
+
+def train_epoch(exp: Experiment, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
+    """One epoch of steps; returns the new state and the epoch's training statistics.
+
+    Raises:
+      TrainingDiverged: at the first progress read after a bad step.
+    """
+    config = exp.config
+    t0 = time.time()
+    order = place_on_devices(
+        config, _epoch_order(config, exp.dataset.train_labels, epoch, exp.steps)
     )
-    viz.train_test_figure(
-        np.concatenate([seen_train_f, held_train_f]),
-        np.concatenate([seen_train_y, held_train_y]),
-        np.concatenate([seen_test_f, held_test_f]),
-        np.concatenate([seen_test_y, held_test_y]),
-        frame,
-        title=title,
-        class_names=class_names,
-        train_hollow=np.arange(len(seen_train_f) + len(held_train_f)) >= len(seen_train_f),
-        test_hollow=np.arange(len(seen_test_f) + len(held_test_f)) >= len(seen_test_f),
-        hollow_label="held out (hollow)",
-    )
-    held_out = ", ".join(class_names[c] for c in data.split.held_out)
-    viz.roc_figure(
-        {f"held-out classes ({held_out})": (roc_far, roc_val)},
-        frame.parent.parent / "roc.png",
-        title=f"{title}\nheld out: VAL@FAR=1e-3 {result['open_val_at_far']:.3f}, "
-        f"AUC {result['open_auc']:.4f}",
-    )
-    return result
+    totals = jnp.zeros(5)
+    bar = _progress(range(exp.steps), f"epoch {epoch}/{config.epochs}", config.quiet)
+    for i in bar:
+        state, stats = exp.train_step(state, exp.images, exp.labels, order, i)
+        totals = totals + stats
+        if (i + 1) % config.progress_every == 0 or i + 1 == exp.steps:
+            loss_sum, correct, good = (float(v) for v in totals[:3])
+            if bool(state.health.diverged):
+                bar.close()
+                _raise_divergence(exp, state, epoch)
+            acc = correct / max(good * config.batch_size, 1)
+            bar.set_postfix(
+                loss=f"{loss_sum / max(good, 1):.4f}",
+                **({} if math.isnan(acc) else {"acc": f"{acc:.4f}"}),
+            )
+    bar.close()
+    loss_sum, correct, good, norm_sum, clipped = (float(v) for v in totals)
+    row = {"epoch": epoch, "step": int(state.step), "loss": loss_sum / max(good, 1)}
+    if not math.isnan(correct):
+        row["train_accuracy"] = correct / max(good * config.batch_size, 1)
+    # Mean pre-clip gradient norm and the share of steps --clip-norm scaled down: a share
+    # near 1 means the step size is set by the clip, not by --lr.
+    row["grad_norm"] = norm_sum / max(good, 1)
+    row["clipped_fraction"] = clipped / max(good, 1)
+    row["train_seconds"] = time.time() - t0
+    return state, row
 
 
-def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):
+def _raise_divergence(exp: Experiment, state: TrainState, epoch: int):
     h = state.health
     terms = ", ".join(f"{k}={float(v):.6g}" for k, v in h.last_terms.items())
-    latest = manager.latest_step()
+    latest = exp.manager.latest_step()
     where = (
-        f"{cfg.out_dir() / 'checkpoints' / str(latest)} (end of epoch {latest})"
+        f"{exp.workdir / 'checkpoints' / str(latest)} (end of epoch {latest})"
         if latest is not None
         else "none (diverged before the first checkpoint)"
     )
     bad_loss = float(h.bad_loss)
     what = (
-        f"exploded to {bad_loss:.3g} (beyond --max-loss {cfg.max_loss:g})"
+        f"exploded to {bad_loss:.3g} (beyond --max-loss {exp.config.max_loss:g})"
         if math.isfinite(bad_loss)
         else f"became non-finite ({bad_loss}, or its gradient did)"
     )
@@ -1065,16 +711,345 @@ def _report_divergence(cfg: Config, state: TrainState, manager, epoch: int):
     )
 
 
-def main(dataset: str, argv: Sequence[str] | None = None) -> int:
-    reuse_freed_memory()  # before JAX starts its CPU backend (experiments/allocator.py)
-    use_one_device_per_core()  # likewise: the step fills every core (experiments/cpu_devices.py)
-    cfg = config_from_args(dataset, argv)
-    try:
-        run(cfg)
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except data_lib.DatasetUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    return 0
+@dataclasses.dataclass
+class Frame:
+    """The points of one epoch's feature plot (2-D: projected by PCA when D > 2)."""
+
+    train: np.ndarray  # [N, 2]
+    train_labels: np.ndarray
+    test: np.ndarray  # [M, 2]
+    test_labels: np.ndarray
+    train_hollow: np.ndarray  # [N] bool: held-out classes (open set)
+    test_hollow: np.ndarray
+    dim: int  # the features' own dimension
+
+    def save(self, path: pathlib.Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> Frame:
+        with np.load(path) as data:
+            fields = {k: data[k] for k in data.files}
+        return cls(**{**fields, "dim": int(fields["dim"])})
+
+    def first(self, n: int) -> Frame:
+        """The first ``n`` points of each set: the per-epoch subset of a full evaluation."""
+        return dataclasses.replace(
+            self,
+            train=self.train[:n],
+            train_labels=self.train_labels[:n],
+            train_hollow=self.train_hollow[:n],
+            test=self.test[:n],
+            test_labels=self.test_labels[:n],
+            test_hollow=self.test_hollow[:n],
+        )
+
+
+def _frame(train_f, train_y, test_f, test_y, train_hollow=None, test_hollow=None) -> Frame:
+    dim = train_f.shape[1]
+    if dim > 2:
+        pca = viz.fit_pca_2d(train_f)
+        train_f, test_f = viz.project_2d(train_f, pca), viz.project_2d(test_f, pca)
+    return Frame(
+        train=np.asarray(train_f, np.float32),
+        train_labels=np.asarray(train_y),
+        test=np.asarray(test_f, np.float32),
+        test_labels=np.asarray(test_y),
+        train_hollow=np.zeros(len(train_f), bool) if train_hollow is None else train_hollow,
+        test_hollow=np.zeros(len(test_f), bool) if test_hollow is None else test_hollow,
+        dim=dim,
+    )
+
+
+def evaluate_epoch(
+    exp: Experiment, state: TrainState, epoch: int, *, full: bool
+) -> tuple[dict, Frame]:
+    """The epoch's metrics and plot points.
+
+    ``full``: the whole test set and ``eval_train_limit`` training images (the last epoch);
+    else the first ``eval_examples`` of each (a fixed subset, so epochs compare)."""
+    config, dataset = exp.config, exp.dataset
+    train_n = min(config.eval_train_limit, len(dataset.train_labels))
+    test_n = len(dataset.test_labels)
+    if not full:
+        train_n, test_n = min(train_n, config.eval_examples), min(test_n, config.eval_examples)
+    what = "final evaluation" if full else f"evaluating epoch {epoch}"
+    if full:
+        exp.log(f"{what}: {test_n} test and {train_n} training images")
+    model, _ = nnx.merge(exp.eval_graphdef, state.graph)
+    train_f = exp.embed(state.graph, dataset.train_images[:train_n], f"{what}: train")
+    test_f = exp.embed(state.graph, dataset.test_images[:test_n], f"{what}: test")
+    train_y, test_y = dataset.train_labels[:train_n], dataset.test_labels[:test_n]
+    row = closed_set_metrics(config, model, train_f, train_y, test_f, test_y, exp.num_classes)
+    row["eval_test_examples"] = test_n
+    if exp.open_data is None:
+        return row, _frame(train_f, train_y, test_f, test_y)
+    return _evaluate_open_set(exp, state, train_f, test_f, row, full, what)
+
+
+def _evaluate_open_set(
+    exp: Experiment, state: TrainState, seen_train_f, seen_test_f, row: dict, full: bool, what: str
+) -> tuple[dict, Frame]:
+    """Adds the open-set metrics on the held-out classes; the frame shows them hollow.
+
+    Enrollment images per held-out class match the seen classes' (the evaluation subset of
+    training images spread over the seen classes)."""
+    data = exp.open_data
+    seen_train_y = data.seen_train_original[: len(seen_train_f)]
+    seen_test_y = data.seen_test_original[: len(seen_test_f)]
+    enroll_n = len(seen_train_f) * len(data.split.held_out) // len(data.split.seen)
+    test_n = len(data.held_out_test_labels)
+    if not full:
+        test_n = min(test_n, exp.config.eval_examples)
+    held_train_f = exp.embed(
+        state.graph, data.held_out_train_images[:enroll_n], f"{what}: held out"
+    )
+    held_train_y = data.held_out_train_labels[:enroll_n]
+    held_test_f = exp.embed(state.graph, data.held_out_test_images[:test_n], f"{what}: held out")
+    held_test_y = data.held_out_test_labels[:test_n]
+    result, (roc_far, roc_val) = open_set_lib.evaluate_open_set(
+        metric=exp.config.objective.metric,
+        seen_train=seen_train_f,
+        seen_train_labels=seen_train_y,
+        seen_test=seen_test_f,
+        seen_test_labels=seen_test_y,
+        held_out_train=held_train_f,
+        held_out_train_labels=held_train_y,
+        held_out_test=held_test_f,
+        held_out_test_labels=held_test_y,
+    )
+    row.update(result)
+    if full:
+        held_out = ", ".join(exp.class_names[c] for c in data.split.held_out)
+        viz.roc_figure(
+            {f"held-out classes ({held_out})": (roc_far, roc_val)},
+            exp.workdir / "roc.png",
+            title=f"{_title(exp.config)}\nheld out: VAL@FAR=1e-3 "
+            f"{result['open_val_at_far']:.3f}, AUC {result['open_auc']:.4f}",
+        )
+    frame = _frame(
+        np.concatenate([seen_train_f, held_train_f]),
+        np.concatenate([seen_train_y, held_train_y]),
+        np.concatenate([seen_test_f, held_test_f]),
+        np.concatenate([seen_test_y, held_test_y]),
+        np.arange(len(seen_train_f) + len(held_train_f)) >= len(seen_train_f),
+        np.arange(len(seen_test_f) + len(held_test_f)) >= len(seen_test_f),
+    )
+    return row, frame
+
+
+def record_epoch(exp: Experiment, state: TrainState, row: dict, frame: Frame) -> None:
+    """Appends the epoch's metrics line and saves its plot points, then its checkpoint.
+
+    The line comes before the checkpoint: a run killed between the two resumes from the
+    previous checkpoint and rewrites the line, instead of skipping the epoch's metrics."""
+    with exp.metrics_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    frame.save(exp.frame_path(row["epoch"]))
+    exp.manager.save(
+        row["epoch"], args=ocp.args.StandardSave(state), metrics={"accuracy": row["accuracy"]}
+    )
+    exp.manager.wait_until_finished()
+
+
+def _title(config: Config, epoch: int | None = None) -> str:
+    title = f"{config.dataset} {config.loss} feat={config.feat_dim}"
+    return title if epoch is None else f"{title} epoch {epoch}"
+
+
+def _draw(exp: Experiment, frame: Frame, path: pathlib.Path, epoch: int, limits=None) -> None:
+    pca = f" (PCA of {frame.dim}-D features)" if frame.dim > 2 else ""
+    viz.train_test_figure(
+        frame.train,
+        frame.train_labels,
+        frame.test,
+        frame.test_labels,
+        path,
+        title=_title(exp.config, epoch) + pca,
+        limits=limits,
+        class_names=exp.class_names,
+        train_hollow=frame.train_hollow if frame.train_hollow.any() else None,
+        test_hollow=frame.test_hollow if frame.test_hollow.any() else None,
+        hollow_label="held out (hollow)",
+    )
+
+
+def draw_features(exp: Experiment, history: list[dict]) -> None:
+    """features.png of the last epoch and features.gif of every epoch on fixed axes (the same
+    limits in every frame, so the animation shows the clusters move rather than zooming)."""
+    epochs = [h["epoch"] for h in history if exp.frame_path(h["epoch"]).exists()]
+    if not epochs:
+        return
+    frames = [Frame.load(exp.frame_path(e)) for e in epochs]
+    _draw(exp, frames[-1], exp.workdir / "features.png", epochs[-1])
+    subsets = [f.first(exp.config.eval_examples) for f in frames]
+    limits = viz.common_limits([p for f in subsets for p in (f.train, f.test)])
+    paths = []
+    for epoch, frame in zip(epochs, subsets, strict=True):
+        paths.append(exp.workdir / "plots" / f"epoch_{epoch:03d}.png")
+        _draw(exp, frame, paths[-1], epoch, limits)
+    viz.make_gif(paths, exp.workdir / "features.gif")
+    for path in paths:  # the GIF holds them; the points stay in the .npz files
+        path.unlink()
+
+
+SUMMARY_COLUMNS = [
+    "epoch",
+    "loss",
+    "train_accuracy",
+    "accuracy",
+    "knn_accuracy",
+    "precision_at_1",
+    "map_at_r",
+    "intra_inter_ratio",
+    "grad_norm",
+    "clipped_fraction",
+    "open_precision_at_1",
+    "open_map_at_r",
+    "open_val_at_far",
+    "open_auc",
+    "open_identification_rate",
+    "open_fpir",
+    "eval_test_examples",
+    "seconds",
+]
+
+
+def summary_table(rows: list[dict]) -> str:
+    """A Markdown table of the epochs' main metrics."""
+    keys = [k for k in SUMMARY_COLUMNS if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def finish(exp: Experiment, history: list[dict]) -> dict:
+    """Draws the features, writes summary.json and summary.md; returns the summary."""
+    exp.log("drawing features.png and features.gif")
+    draw_features(exp, history)
+    summary = {
+        "dataset": exp.config.dataset,
+        "loss": exp.config.loss,
+        "feat_dim": exp.config.feat_dim,
+        "epochs": len(history),
+        "complete": True,
+        "final": history[-1],
+        # per-epoch subsets before the last epoch: the best by the same fixed subset
+        "best": max(history, key=lambda h: h["accuracy"]),
+        "data_source": exp.dataset.source,
+        "devices": num_devices(exp.config),  # of this (last) segment; the math is the same
+        "workdir": str(exp.workdir.resolve()),
+    }
+    (exp.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (exp.workdir / "summary.md").write_text(summary_table(history) + "\n")
+    return summary
+
+
+def _next_epoch_passes_time_box(exp: Experiment, history: list[dict]) -> bool:
+    """Whether an epoch as long as the last one (resumed ones count) would end past the time
+    box. Without a finished epoch there is no estimate, so a fresh run trains its first."""
+    minutes = exp.config.stop_after_minutes
+    if minutes is None or not history:
+        return False
+    return time.time() - exp.started + history[-1]["seconds"] > 60 * minutes
+
+
+def _stopped(exp: Experiment, history: list[dict], why: str) -> dict:
+    epoch = history[-1]["epoch"] if history else 0
+    exp.log(f"{why}; continue with --resume")
+    return {
+        "complete": False,
+        "stopped_after": epoch,
+        "epochs": len(history),
+        "history": history,
+        "workdir": str(exp.workdir.resolve()),
+    }
+
+
+def _already_complete(config: Config, workdir: pathlib.Path) -> dict | None:
+    """The stored summary of a finished run of this configuration, resumed again."""
+    summary_path, config_path = workdir / "summary.json", workdir / "config.json"
+    if config.resume == "no" or not summary_path.exists() or not config_path.exists():
+        return None
+    last = latest_checkpoint(workdir)
+    stored = json.loads(config_path.read_text())
+    if last is None or last[0] != config.epochs or stored_differences(stored, config):
+        return None
+    return json.loads(summary_path.read_text())
+
+
+def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None) -> dict:
+    """Trains and evaluates ``config`` in ``workdir`` (default ``config.default_workdir()``).
+
+    Returns:
+      The summary (also in WORKDIR/summary.json): ``final`` and ``best`` epoch metrics,
+      ``epochs``, ``complete``. A run stopped early by ``stop_after``/``stop_after_minutes``
+      returns ``{"complete": False, "stopped_after": epoch, "history": [...]}``; a finished
+      run resumed again returns its stored summary without training.
+
+    Raises:
+      ConfigError: a bad value (named by its flag), also ones that need the data to check.
+      mlx_jax.data.DatasetUnavailableError: no source for the dataset.
+      ResumeError: see :func:`restore_or_start`.
+      TrainingDiverged: see :func:`train_epoch`.
+      KeyboardInterrupt: Ctrl-C; the newest checkpoint is :func:`latest_checkpoint`.
+    """
+    config = config.validate()
+    workdir = pathlib.Path(workdir if workdir is not None else config.default_workdir())
+    log = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
+    print(f"run folder: {workdir}", flush=True)
+    done = _already_complete(config, workdir)
+    if done is not None:
+        print(f"already complete: {done['epochs']} epochs; results in {workdir}", flush=True)
+        print(summary_table(_read_history(workdir)), flush=True)
+        return done
+    _check_data_dir(config)  # refuse before making the workdir or loading anything
+    resume_point(config, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    exp = prepare(config, workdir, log)
+    state, history = restore_or_start(exp)
+    config = exp.config
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        if _next_epoch_passes_time_box(exp, history):
+            return _stopped(
+                exp,
+                history,
+                f"stopped before epoch {epoch}: it would end after --stop-after-minutes "
+                f"{config.stop_after_minutes:g}",
+            )
+        t0 = time.time()
+        state, row = train_epoch(exp, state, epoch)
+        metrics_row, frame = evaluate_epoch(exp, state, epoch, full=epoch == config.epochs)
+        row.update(metrics_row)
+        row["seconds"] = time.time() - t0
+        row["eval_seconds"] = row["seconds"] - row["train_seconds"]
+        record_epoch(exp, state, row, frame)
+        history.append(row)
+        log(
+            f"epoch {epoch}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
+            f"knn {row['knn_accuracy']:.4f} P@1 {row['precision_at_1']:.4f} "
+            f"({row['train_seconds']:.0f}s training, {row['eval_seconds']:.0f}s evaluation "
+            f"of {row['eval_test_examples']} test images)"
+        )
+        if config.stop_after is not None and config.stop_after <= epoch < config.epochs:
+            return _stopped(exp, history, f"stopped after epoch {epoch} (--stop-after)")
+    summary = finish(exp, history)
+    print(summary_table(history), flush=True)
+    print(f"results in {workdir}: summary.json, metrics.jsonl, features.png", flush=True)
+    return summary
+
+
+def _read_history(workdir: pathlib.Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def log_to_stderr(*parts: Any) -> None:  # pragma: no cover - convenience for notebooks
+    print(*parts, file=sys.stderr, flush=True)

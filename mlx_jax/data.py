@@ -68,7 +68,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import tensorflow_datasets as tfds
+
+try:
+    import tensorflow_datasets as tfds
+except ImportError as error:  # the losses need none of this: it is the experiments' extra
+    raise ImportError(
+        "mlx_jax.data needs tensorflow-datasets, which `pip install mlx_jax` leaves out: "
+        "pip install 'mlx_jax[experiments]'"
+    ) from error
 
 from mlx_jax._checks import choice
 
@@ -81,6 +88,7 @@ __all__ = [
     "MlxMnist",
     "batches",
     "class_balanced_batches",
+    "disable_progress_bars",
     "load_dataset",
     "read_idx",
 ]
@@ -657,6 +665,11 @@ class _Source:
     load: Callable[[], Arrays]
 
 
+def disable_progress_bars() -> None:
+    """Silences TFDS's progress bars (its one-time dataset preparation)."""
+    tfds.disable_progress_bar()
+
+
 def _default_data_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets").expanduser()
 
@@ -920,7 +933,11 @@ def _preparation_lock(root: Path, name: str) -> Iterator[None]:
 
 
 def load_dataset(
-    name: str, *, data_dir: str | os.PathLike | None = None, limit: int | None = None
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    create_data_dir: bool = True,
 ) -> Dataset:
     """Loads ``"mnist"``, ``"fashion_mnist"`` or ``"cifar10"`` (see the module doc for sources).
 
@@ -930,6 +947,8 @@ def load_dataset(
         ``~/tensorflow_datasets``. The prepared copy lives in ``data_dir/mlx_<name>/1.0.0``.
       limit: keep only the first ``limit`` examples of each split (smoke tests); the whole
         dataset is still prepared once, but only ``limit`` records per split are read.
+      create_data_dir: whether a ``data_dir`` that does not exist yet may be created (to
+        prepare the dataset there); False makes it an error naming ``data_dir``.
 
     Returns:
       A :class:`Dataset`: float32 images [N, H, W, C] in [0, 1] (pixel / 255), int32 labels
@@ -945,6 +964,10 @@ def load_dataset(
     root = Path(data_dir).expanduser() if data_dir is not None else _default_data_dir()
     if root.exists() and not root.is_dir():
         raise ValueError(f"data_dir must be a directory, got the file {root}")
+    if data_dir is not None and not create_data_dir and not root.exists():
+        raise ValueError(
+            f"data_dir {root} does not exist (create_data_dir=False: it is not created)"
+        )
     builder_cls = _BUILDERS[name]
     what = f"TFDS dataset {builder_cls.name}"
     builder, prepared = _open_builder(builder_cls, root, what)

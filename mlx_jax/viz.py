@@ -29,9 +29,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
+
+try:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+except ImportError as error:  # the losses need none of this: it is the experiments' extra
+    raise ImportError(
+        "mlx_jax.viz needs matplotlib (and imageio for GIFs), which `pip install mlx_jax` "
+        "leaves out: pip install 'mlx_jax[experiments]'"
+    ) from error
 
 __all__ = [
     "PCA2D",
@@ -583,7 +590,7 @@ def make_gif(
     ``colors`` colours shared by all frames (the class colours exactly + maximum-coverage
     colours of all frames, no dithering: flat colours compress well and don't flicker between
     frames); Pillow writes the GIF. Twenty 1000×560 px two-panel frames of 60k + 10k points
-    take about 0.4 MB (measured: 410 kB).
+    take about 0.4 MB.
 
     Args:
       frame_paths: sequence of image paths (>= 1), in display order.

@@ -1,8 +1,11 @@
-"""The experiments driver on tiny runs: every loss trains, files are written, resume is exact,
-divergence stops with a useful message, bad flags and missing data give clear errors."""
+"""The experiments on tiny runs: every loss trains through ``train_and_evaluate``, files are
+written, resume is exact, divergence stops with a useful message, bad flags and missing data
+give clear errors. The CLI's frictions (interrupts, resume messages, output folder, --quiet,
+--help) are in tests/test_cli.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -10,12 +13,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import driver, objectives
+from experiments import cli, driver, objectives
+from experiments.config import Config, ConfigError
 from experiments.objectives import OBJECTIVES
 from mlx_jax import data as D
 from tests.test_data import cifar_members, write_cifar_tarball, write_idx_dir
 
-TINY = ["--width", "4", "--batch-size", "32", "--eval-train-limit", "200", "--quiet"]
+TINY = [
+    "--width",
+    "4",
+    "--batch-size",
+    "32",
+    "--eval-train-limit",
+    "200",
+    "--eval-examples",
+    "50",
+    "--quiet",
+]
 
 
 def learnable_images(seed: int, n: int):
@@ -42,8 +56,9 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def train(data_dir, out, *extra, dataset="fashion_mnist"):
-    argv = ["--data-dir", str(data_dir), "--out", str(out), *TINY, *extra]
-    return driver.run(driver.config_from_args(dataset, argv))
+    argv = ["--data-dir", str(data_dir), "--workdir", str(out), *TINY, *extra]
+    config, workdir = cli.parse(dataset, argv)
+    return driver.train_and_evaluate(config, workdir)
 
 
 def history(out):
@@ -67,10 +82,12 @@ def test_every_loss_trains_and_writes_its_files(loss, data_dir, tmp_path):
             assert np.isfinite(r[key]), (key, r)
         assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"]), r
         assert 0 <= r["clipped_fraction"] <= 1, r
-    assert summary["final"]["epoch"] == 3
-    for name in ("config.json", "summary.json", "summary.md", "features.gif"):
+    assert summary["final"]["epoch"] == 3 and summary["complete"]
+    # epochs 1-2 on the per-epoch subset, the last on the whole test set
+    assert [r["eval_test_examples"] for r in rows] == [50, 50, 160]
+    for name in ("config.json", "summary.json", "summary.md", "features.gif", "features.png"):
         assert (out / name).stat().st_size > 0, name
-    assert len(list((out / "plots").glob("epoch_*.png"))) == 3
+    assert len(list((out / "plots").glob("epoch_*.npz"))) == 3
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
         1,
         2,
@@ -114,7 +131,7 @@ def test_a_run_killed_around_an_epoch_checkpoint_resumes_with_every_epoch(
     common = ["--loss", "cent", "--epochs", "3", "--lr", "0.05"]
     train(data_dir, straight, *common)
 
-    make_manager = driver._checkpoint_manager
+    make_manager = driver.checkpoint_manager
 
     def dying_manager(directory, keep):
         manager = make_manager(directory, keep)
@@ -132,7 +149,7 @@ def test_a_run_killed_around_an_epoch_checkpoint_resumes_with_every_epoch(
         manager.save = save_then_die
         return manager
 
-    monkeypatch.setattr(driver, "_checkpoint_manager", dying_manager)
+    monkeypatch.setattr(driver, "checkpoint_manager", dying_manager)
     with pytest.raises(_Killed):
         train(data_dir, killed, *common)
     monkeypatch.undo()
@@ -162,7 +179,9 @@ def test_runs_started_before_a_flag_existed_resume_at_its_default(data_dir, tmp_
     config = json.loads((out / "config.json").read_text())
     del config["augment"], config["max_shift"]  # as written before --augment existed
     (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match=r"different configuration \(\['augment'\]\)"):
+    with pytest.raises(
+        driver.ResumeError, match=r"configuration .*: augment: stored 'none', now 'shift'\. "
+    ):
         train(data_dir, out, "--loss", "xent", "--epochs", "2", "--augment", "shift", "--resume")
     summary = train(data_dir, out, "--loss", "xent", "--epochs", "2", "--resume")
     assert summary["epochs"] == 2
@@ -175,7 +194,7 @@ def test_augmented_training_learns(data_dir, tmp_path):
     rows = history(out)
     assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
     assert rows[-1]["accuracy"] > 0.2, rows[-1]  # 10 classes: chance is 0.1
-    with pytest.raises(SystemExit, match="--max-shift must be < the image side 28, got 28"):
+    with pytest.raises(ConfigError, match="--max-shift must be < the image side 28, got 28"):
         train(data_dir, tmp_path / "bad", *argv, "--max-shift", "28")
 
 
@@ -188,16 +207,21 @@ def jax_leaves(tree):
 def test_resume_with_a_different_config_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, "--loss", "xent", "--epochs", "2", "--stop-after", "1")
-    with pytest.raises(SystemExit, match=r"different configuration \(\['lr'\]\)"):
-        train(data_dir, out, "--loss", "xent", "--epochs", "2", "--lr", "0.5", "--resume")
+    with pytest.raises(driver.ResumeError) as refused:
+        train(data_dir, out, "--loss", "xent", "--epochs", "3", "--lr", "0.5", "--resume")
+    # every differing key, with its stored and its new value; nothing else
+    assert "epochs: stored 2, now 3; lr: stored 0.01, now 0.5." in str(refused.value)
+    assert "margin" not in str(refused.value)
 
 
 def test_resume_from_a_checkpoint_of_another_train_state_says_so(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(data_dir, out, "--loss", "xent", "--epochs", "2", "--stop-after", "1")
     # A later version that records one more loss term has a differently shaped train state.
-    monkeypatch.setattr(driver, "_term_names", lambda objective: ["softmax", "another"])
-    with pytest.raises(SystemExit, match=r"cannot read the epoch-1 checkpoint .* another version"):
+    monkeypatch.setattr(driver, "term_names", lambda objective: ["softmax", "another"])
+    with pytest.raises(
+        driver.ResumeError, match=r"cannot read the epoch-1 checkpoint .* another version"
+    ):
         train(data_dir, out, "--loss", "xent", "--epochs", "2", "--resume")
 
 
@@ -206,7 +230,7 @@ def test_divergence_stops_at_once_with_step_terms_and_checkpoint(data_dir, tmp_p
     argv = [
         "--data-dir",
         str(data_dir),
-        "--out",
+        "--workdir",
         str(out),
         *TINY,
         "--loss",
@@ -220,9 +244,9 @@ def test_divergence_stops_at_once_with_step_terms_and_checkpoint(data_dir, tmp_p
         "--warmup-epochs",
         "0",
     ]
-    code = driver.main("fashion_mnist", argv)
+    code = cli.main("fashion_mnist", argv)
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == cli.EXIT_CODES["run"]
     assert "loss became non-finite (" in err and "at step" in err
     assert "last good loss terms" in err and "softmax=" in err and "center=" in err
     assert "last good checkpoint" in err
@@ -233,22 +257,22 @@ def test_a_finite_loss_beyond_max_loss_stops_the_run_as_diverged(data_dir, tmp_p
     # xent starts near log(10) = 2.3: a bound of 1.0 is crossed at the first step, while a
     # bound of 1e6 (the default) lets the same run train.
     out = tmp_path / "run"
-    argv = ["--data-dir", str(data_dir), "--out", str(out), *TINY, "--loss", "xent"]
-    code = driver.main("fashion_mnist", [*argv, "--epochs", "1", "--max-loss", "1.0"])
+    argv = ["--data-dir", str(data_dir), "--workdir", str(out), *TINY, "--loss", "xent"]
+    code = cli.main("fashion_mnist", [*argv, "--epochs", "1", "--max-loss", "1.0"])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == cli.EXIT_CODES["run"]
     assert re.search(r"loss exploded to 2\.\d+ \(beyond --max-loss 1\) at step 0 ", err), err
     assert "none (diverged before the first checkpoint)" in err
     assert history(out) == []
-    again = ["--data-dir", str(data_dir), "--out", str(tmp_path / "again"), *TINY, "--loss", "xent"]
-    assert driver.main("fashion_mnist", [*again, "--epochs", "1"]) == 0
+    again = ["--data-dir", str(data_dir), "--workdir", str(tmp_path / "again"), *TINY]
+    assert cli.main("fashion_mnist", [*again, "--loss", "xent", "--epochs", "1"]) == 0
 
 
 @pytest.mark.parametrize("flag", ["--max-loss", "--inter-eps"])
 @pytest.mark.parametrize("bad", ["0", "-1", "nan"])
 def test_positive_float_flags_refuse_zero_negative_and_nan(flag, bad):
-    with pytest.raises(SystemExit, match=f"{flag} must be > 0, got {bad}"):
-        driver.config_from_args("fashion_mnist", [flag, bad])
+    with pytest.raises(ConfigError, match=f"{flag} must be > 0, got {bad}"):
+        cli.config_from_args("fashion_mnist", [flag, bad])
 
 
 def test_inter_eps_reaches_the_standalone_loss(monkeypatch):
@@ -260,7 +284,7 @@ def test_inter_eps_reaches_the_standalone_loss(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(objectives.L, "standalone_center_loss", spy)
-    cfg = driver.config_from_args("fashion_mnist", ["--inter-eps", "0.5"])
+    cfg = cli.config_from_args("fashion_mnist", ["--inter-eps", "0.5"])
     model = driver.build_model(cfg, (28, 28, 1), 10)
     features = np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32)
     cfg.objective.terms(model, features, np.arange(8) % 10, 0, cfg.loss_config)
@@ -288,7 +312,9 @@ def test_centers_trained_as_parameters(data_dir, tmp_path):
 def test_feature_dim_128_is_projected_for_plots(data_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, "--loss", "xent", "--epochs", "1", "--feat-dim", "128")
-    assert (out / "plots" / "epoch_001.png").stat().st_size > 10_000
+    assert (out / "features.png").stat().st_size > 10_000
+    frame = driver.Frame.load(out / "plots" / "epoch_001.npz")
+    assert frame.dim == 128 and frame.train.shape == (200, 2) and frame.test.shape == (160, 2)
 
 
 def test_cifar10_path_with_written_pickles(tmp_path, monkeypatch):
@@ -304,7 +330,7 @@ def test_cifar10_path_with_written_pickles(tmp_path, monkeypatch):
     argv = [
         "--data-dir",
         str(tmp_path / "data"),
-        "--out",
+        "--workdir",
         str(out),
         "--batch-size",
         "8",
@@ -314,7 +340,7 @@ def test_cifar10_path_with_written_pickles(tmp_path, monkeypatch):
         "--loss",
         "xent",
     ]
-    driver.run(driver.config_from_args("cifar10", argv))
+    driver.train_and_evaluate(*cli.parse("cifar10", argv))
     assert history(out)[0]["epoch"] == 1
 
 
@@ -322,12 +348,13 @@ def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(D.NO_FETCH_ENV, "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
-    code = driver.main(
+    (tmp_path / "empty").mkdir()
+    code = cli.main(
         "fashion_mnist",
-        ["--data-dir", str(tmp_path / "empty"), "--quiet", "--out", str(tmp_path / "run")],
+        ["--data-dir", str(tmp_path / "empty"), "--quiet", "--workdir", str(tmp_path / "run")],
     )
     err = capsys.readouterr().err
-    assert code == 3
+    assert code == cli.EXIT_CODES["data"]
     assert "dataset-fashion-mnist" in err and "Traceback" not in err
 
 
@@ -340,8 +367,10 @@ def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
         (["--clip-norm", "0"], "--clip-norm must be > 0, got 0.0"),
         (["--clip-norm", "nan"], "--clip-norm must be > 0, got nan"),
         (["--max-shift", "-1"], "--max-shift must be >= 0"),
-        (["--augment", "rotate"], ""),  # argparse names the choices
         (["--stop-after-minutes", "0"], "--stop-after-minutes must be > 0"),
+        (["--open-set", "1"], "--open-set must be >= 2"),
+        (["--devices", "0"], "--devices must be >= 1"),
+        (["--batch-size", "30", "--devices", "4"], "must be divisible by --devices"),
         (
             ["--loss", "triplet", "--batch-size", "30", "--samples-per-class", "4"],
             "must be a multiple of --samples-per-class",
@@ -349,13 +378,27 @@ def test_missing_data_gives_one_clear_message(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_bad_flags_are_rejected_eagerly(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        driver.config_from_args("mnist", argv)
+    with pytest.raises(ConfigError, match=message):
+        cli.config_from_args("mnist", argv)
+
+
+def test_unknown_choices_are_refused_by_argparse_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        cli.config_from_args("mnist", ["--augment", "rotate"])
+    assert "'shift-flip'" in capsys.readouterr().err
+
+
+def test_the_same_checks_apply_to_python_callers(tmp_path):
+    config = cli.config_from_args("mnist", [])
+    bad = dataclasses.replace(config, epochs=0)
+    with pytest.raises(ConfigError, match="--epochs must be >= 1, got 0"):
+        driver.train_and_evaluate(bad, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_explains_every_loss(capsys):
     with pytest.raises(SystemExit):
-        driver.config_from_args("mnist", ["--help"])
+        cli.config_from_args("mnist", ["--help"])
     text = capsys.readouterr().out
     for name in OBJECTIVES:
         assert name in text
@@ -376,5 +419,23 @@ def test_help_explains_every_loss(capsys):
 def test_fresh_run_refuses_to_overwrite_an_earlier_run(data_dir, tmp_path):
     out = tmp_path / "run"
     train(data_dir, out, "--loss", "xent", "--epochs", "1")
-    with pytest.raises(SystemExit, match="pass --resume to continue"):
+    with pytest.raises(driver.ResumeError, match="pass --resume to continue"):
         train(data_dir, out, "--loss", "xent", "--epochs", "1")
+
+
+def test_train_and_evaluate_takes_a_config_built_in_python(data_dir, tmp_path):
+    config = Config(
+        dataset="fashion_mnist",
+        loss="xent",
+        epochs=1,
+        data_dir=str(data_dir),
+        width=4,
+        batch_size=32,
+        eval_train_limit=200,
+        eval_examples=50,
+        quiet=True,
+    )
+    summary = driver.train_and_evaluate(config, tmp_path / "run")
+    assert summary["complete"] and summary["final"]["eval_test_examples"] == 160
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored == config.to_json() and "data_dir" not in stored  # run settings left out

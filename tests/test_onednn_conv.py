@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from experiments import driver, onednn_conv
+from experiments.config import ConfigError
 from experiments.models import LeNetPlusPlus
 from tests.test_experiments import data_dir, history, train  # noqa: F401  (data_dir: fixture)
 
@@ -184,7 +185,7 @@ def test_driver_conv_flag_falls_back_or_fails_by_name(monkeypatch):
     monkeypatch.setattr(onednn_conv, "unavailable_reason", lambda: "no oneDNN in this test")
     assert driver.resolve_conv("auto") == "xla"
     assert driver.resolve_conv("xla") == "xla"
-    with pytest.raises(SystemExit, match="--conv onednn cannot run here: no oneDNN in this test"):
+    with pytest.raises(ConfigError, match="--conv onednn cannot run here: no oneDNN in this test"):
         driver.resolve_conv("onednn")
     monkeypatch.setattr(onednn_conv, "unavailable_reason", lambda: None)
     assert driver.resolve_conv("auto") == "onednn"

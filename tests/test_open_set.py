@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import driver
+from experiments import cli, driver
 from experiments import open_set as O
+from experiments.config import ConfigError
 from mlx_jax import data as D
 from mlx_jax import metrics, viz
 from tests.test_experiments import data_dir, history, train  # noqa: F401  (fixture)
@@ -252,22 +253,22 @@ def test_open_set_run_resumes_exactly(data_dir, tmp_path):  # noqa: F811
 
 
 def test_open_set_bad_classes_fail_before_training(data_dir, tmp_path, capsys):  # noqa: F811
-    with pytest.raises(SystemExit, match=r"lacks: \[10\]; its 10 classes are 0=T-shirt/top"):
+    with pytest.raises(ConfigError, match=r"lacks: \[10\]; its 10 classes are 0=T-shirt/top"):
         train(data_dir, tmp_path / "run", "--held-out-classes", "3", "10")
     assert not (tmp_path / "run" / "checkpoints").exists()
-    with pytest.raises(SystemExit, match="--open-set must hold out at least 2"):
-        driver.config_from_args("mnist", ["--open-set", "1"])
+    with pytest.raises(ConfigError, match="--open-set must be >= 2, got 1"):
+        cli.config_from_args("mnist", ["--open-set", "1"])
 
 
 def test_default_samples_per_class_fits_ten_classes(data_dir, tmp_path):  # noqa: F811
-    cfg = driver.config_from_args("fashion_mnist", ["--loss", "triplet"])
+    cfg = cli.config_from_args("fashion_mnist", ["--loss", "triplet"])
     assert driver._samples_per_class(cfg, 10) == 16  # 8 classes × 16 in a batch of 128
     assert driver._samples_per_class(cfg, 100) == 4
-    too_many = driver.config_from_args(
+    too_many = cli.config_from_args(
         "fashion_mnist", ["--loss", "triplet", "--samples-per-class", "4"]
     )
-    with pytest.raises(SystemExit, match="32 classes per batch, but the training set has 10"):
+    with pytest.raises(ConfigError, match="32 classes per batch, but the training set has 10"):
         driver._samples_per_class(too_many, 10)
-    prime = driver.config_from_args("fashion_mnist", ["--loss", "triplet", "--batch-size", "31"])
-    with pytest.raises(SystemExit, match="--batch-size 31 cannot be split into 2 to 10 classes"):
+    prime = cli.config_from_args("fashion_mnist", ["--loss", "triplet", "--batch-size", "31"])
+    with pytest.raises(ConfigError, match="--batch-size 31 cannot be split into 2 to 10 classes"):
         driver._samples_per_class(prime, 10)

@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import driver, onednn_conv
+from experiments import cli, driver, onednn_conv
 from experiments.augment import augment
+from experiments.config import ConfigError
 from mlx_jax import data as D
 from mlx_jax import parallel
 from tests.test_data import cifar_members, write_cifar_tarball
@@ -100,9 +101,9 @@ def test_cifar_resnet_batchnorm_statistics_are_synchronised(tmp_path, monkeypatc
     runs = {}
     for devices in ("1", "8"):
         out = tmp_path / f"run{devices}"
-        argv = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--batch-size", "8"]
+        argv = ["--data-dir", str(tmp_path / "data"), "--workdir", str(out), "--batch-size", "8"]
         argv += ["--epochs", "1", "--quiet", "--loss", "xent", "--devices", devices]
-        driver.run(driver.config_from_args("cifar10", argv))
+        driver.train_and_evaluate(*cli.parse("cifar10", argv))
         runs[devices] = history(out)[0]
     for key in CONTINUOUS:
         np.testing.assert_allclose(runs["8"][key], runs["1"][key], rtol=1e-3, err_msg=key)
@@ -111,15 +112,15 @@ def test_cifar_resnet_batchnorm_statistics_are_synchronised(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--devices", "3"], r"--batch-size \(32\) must be divisible by the number of devices \(3"),
-        (["--devices", "9"], r"--devices must be in \[1, 8\]"),
-        (["--devices", "0"], r"--devices must be in \[1, 8\]"),
+        (["--devices", "3"], r"--batch-size \(32\) must be divisible by --devices \(3\)"),
+        (["--devices", "16"], r"--devices must be in \[1, 8\] \(local devices\), got 16"),
+        (["--devices", "0"], r"--devices must be >= 1, got 0"),
     ],
 )
 def test_bad_device_counts_are_refused(argv, message):
     argv = ["--batch-size", "32", *argv]
-    with pytest.raises(SystemExit, match=message):
-        driver.config_from_args("fashion_mnist", argv)
+    with pytest.raises(ConfigError, match=message):
+        driver.num_devices(cli.config_from_args("fashion_mnist", argv))
 
 
 @pytest.mark.parametrize(("batch_size", "devices"), [(32, 8), (20, 4), (6, 2), (7, 1)])
@@ -136,6 +137,6 @@ def test_default_takes_the_most_devices_that_split_the_batch(
 
 
 def test_an_explicit_device_count_must_split_the_batch(data_dir, tmp_path):  # noqa: F811
-    with pytest.raises(SystemExit, match=r"must be divisible by the number of devices \(8"):
+    with pytest.raises(ConfigError, match=r"must be divisible by --devices \(8\)"):
         argv = ["--loss", "xent", "--epochs", "1", "--batch-size", "20", "--devices", "8"]
         train(data_dir, tmp_path / "run", *argv)
