@@ -43,6 +43,7 @@ import numpy as np
 
 from mlx_jax import metrics, retrieval
 from mlx_jax.data import Dataset
+from mlx_jax.distances import Metric
 
 FAR_TARGET = 1e-3  # FaceNet reports VAL at FAR = 1e-3 (Schroff et al. 2015, §5)
 FPIR_TARGET = 1e-2  # our choice: 1% of non-mated probes falsely identified
@@ -187,7 +188,7 @@ def templates(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[int]
 
 def evaluate_open_set(
     *,
-    metric: str,
+    metric: Metric,
     seen_train: np.ndarray,
     seen_train_labels: np.ndarray,
     seen_test: np.ndarray,
@@ -202,7 +203,8 @@ def evaluate_open_set(
     """The open-set metrics of the module docstring, all labels original.
 
     Args:
-      metric: ``"euclidean"`` or ``"cosine"`` (the objective's distance).
+      metric: the objective's :data:`mlx_jax.distances.Metric` (``"euclidean"`` or
+        ``"cosine"`` for the experiments' losses), used by every metric below.
       seen_train / held_out_train: [N, D] enrollment embeddings and labels of the seen /
         held-out classes; seen_test / held_out_test: [M, D] test embeddings and labels.
       far: verification FAR target (0, 1). fpir: identification FPIR target (0, 1).
@@ -210,15 +212,12 @@ def evaluate_open_set(
     Returns:
       (metrics, (roc_far, roc_val)): the ``open_*`` metrics and the held-out verification ROC.
     """
-    verification_metric = "cosine" if metric == "cosine" else "euclidean"
     retrieval_scores = metrics.retrieval_metrics(held_out_test, held_out_test_labels, metric=metric)
     val, _, achieved_far = metrics.val_at_far(
-        held_out_test, held_out_test_labels, far, metric=verification_metric
+        held_out_test, held_out_test_labels, far, metric=metric
     )
-    auc = metrics.roc_auc(held_out_test, held_out_test_labels, metric=verification_metric)
-    roc_far, roc_val, _ = metrics.roc_curve(
-        held_out_test, held_out_test_labels, metric=verification_metric
-    )
+    auc = metrics.roc_auc(held_out_test, held_out_test_labels, metric=metric)
+    roc_far, roc_val, _ = metrics.roc_curve(held_out_test, held_out_test_labels, metric=metric)
 
     seen_classes = np.unique(seen_train_labels)
     held_out_classes = np.unique(held_out_train_labels)

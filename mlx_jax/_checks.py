@@ -1,4 +1,5 @@
-"""Argument checks shared by every public function.
+"""Argument checks shared by every public function (package-internal: the modules of mlx_jax
+import this module; users do not).
 
 Shapes and dtypes are static under ``jax.jit``, so these checks raise at trace time with a
 message naming the argument and the expected shape. Label *values* are only known at trace time
@@ -45,7 +46,9 @@ def embeddings_array(embeddings, name: str = "embeddings") -> jax.Array:
     return x
 
 
-def _is_concrete(x) -> bool:
+def is_concrete(x) -> bool:
+    """Whether ``x`` has a value at trace time (not a ``jax.core.Tracer``): value checks
+    (ranges, signs) run only then; traced values pass through unchecked."""
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -64,7 +67,7 @@ def labels_array(
             f"{name} must have shape [{batch}] (one class id per embedding), "
             f"got shape {_shape_str(labels)}"
         )
-    if _is_concrete(labels) and labels.size:
+    if is_concrete(labels) and labels.size:
         # NumPy, not jnp: inside a jit trace even a closed-over concrete array would turn
         # into a tracer under jnp.min.
         values = np.asarray(labels)
@@ -93,7 +96,7 @@ def sample_weights(weights, batch: int, dtype, name: str = "weights") -> jax.Arr
             f"{name} must have shape [{batch}] (one weight per embedding), "
             f"got shape {_shape_str(weights)}"
         )
-    if _is_concrete(weights) and weights.size and bool(np.any(np.asarray(weights) < 0)):
+    if is_concrete(weights) and weights.size and bool(np.any(np.asarray(weights) < 0)):
         raise ValueError(f"{name} must be non-negative")
     return weights.astype(dtype)
 
@@ -121,6 +124,7 @@ def class_weights_array(class_weights, dim: int, name: str = "class_weights") ->
 
 
 def choice(value, name: str, options: Sequence[str]) -> str:
+    """``value`` if it is one of ``options``, else ``ValueError`` naming ``name``."""
     if value not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
     return value
@@ -128,13 +132,24 @@ def choice(value, name: str, options: Sequence[str]) -> str:
 
 def non_negative(value, name: str) -> None:
     """Checks a hyperparameter when it is a concrete number (traced values pass through)."""
-    if _is_concrete(value) and np.ndim(value) == 0 and float(value) < 0:
+    if is_concrete(value) and np.ndim(value) == 0 and float(value) < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def positive(value, name: str) -> None:
-    if _is_concrete(value) and np.ndim(value) == 0 and float(value) <= 0:
+    """Checks a hyperparameter > 0 when it is a concrete number (traced values pass through)."""
+    if is_concrete(value) and np.ndim(value) == 0 and float(value) <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as a Python int >= 1 (``TypeError`` for a non-int or bool, ``ValueError`` for
+    < 1), naming ``name``."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def gather_rows(table: jax.Array, labels: jax.Array) -> jax.Array:

@@ -11,6 +11,14 @@ All metrics compute in at least float32 and return ``[B, M]`` for ``x`` [B, D] a
   duplicate embeddings.
 * ``"cosine"``: cosine *similarity* of L2-normalized rows (higher is closer); a zero vector is
   normalized with an eps so it has similarity 0 to everything and finite gradients.
+
+:data:`Metric` is the one type of every ``metric=`` argument in mlx_jax (this module,
+:mod:`mlx_jax.metrics`, :mod:`mlx_jax.retrieval`), and every one of them defaults to
+``"euclidean"`` — the plain distance, as ``scipy.spatial.distance.cdist``,
+``sklearn.metrics.pairwise_distances`` and ``torch.cdist`` default to; pass ``metric="cosine"``
+for embeddings trained on the sphere (the margin-softmax heads, circle, Siamese). A function
+that supports only some metrics says so and raises :class:`UnsupportedMetricError` for the
+others (:func:`check_metric`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,24 @@ from mlx_jax import _checks
 
 Metric = Literal["squared_euclidean", "euclidean", "cosine"]
 METRICS: tuple[str, ...] = ("squared_euclidean", "euclidean", "cosine")
+DEFAULT_METRIC = "euclidean"  # the default of every metric= argument (module docstring)
+
+
+class UnsupportedMetricError(ValueError):
+    """A ``metric`` that is not a :data:`Metric`, or one the function does not support."""
+
+
+def check_metric(metric, supported: tuple[str, ...] = METRICS, where: str = "") -> str:
+    """``metric`` if it is one of ``supported`` (default: every :data:`Metric`), else
+    :class:`UnsupportedMetricError` (a ``ValueError``) naming the argument, the accepted values
+    and ``where`` (the function that supports only some)."""
+    if metric not in supported:
+        context = f" for {where}" if where else ""
+        raise UnsupportedMetricError(
+            f"metric must be one of {list(supported)}{context}, got {metric!r}"
+        )
+    return metric
+
 
 # Default matmul precision: full float32. On TPU/GPU the default would round inputs to bf16/tf32,
 # and ‖x‖² + ‖y‖² − 2xy cancels catastrophically for nearby points.
@@ -47,8 +73,8 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORMALIZE_EPS) -> ja
 
 DistanceMethod = Literal["auto", "matmul", "difference"]
 # "auto" subtracts coordinates directly while B·M·D stays at or below this (8 MB of float32
-# if XLA materialises it: a training batch of 128 with D <= 128); above it the matmul form,
-# 10-50x faster there on CPU, takes over.
+# if XLA materialises it: a training batch of 128 with D <= 128); above it the matmul form
+# (O(B·M) memory, BLAS speed) takes over.
 DIFFERENCE_MAX_ELEMENTS = 1 << 21
 
 
@@ -163,10 +189,10 @@ def all_pairs_squared_euclidean(
     Same value as :func:`squared_euclidean_rows` ``(x, None)``. With the matmul form, autodiff
     of ``x @ x.T`` treats the operands as unrelated and spends two [B, B]×[B, D] matmuls and
     several [B, B] passes on the backward pass; the VJP here uses the symmetry — one matmul and
-    one masked pass (measured at B = 1024, D = 128, idle: contrastive fwd+bwd 10.6 → 8.3 ms;
-    BENCHMARKS.md). The gradient is 0 where the distance was clamped to 0 (and on the diagonal),
-    as autodiff's. Reverse mode only: ``jax.jvp``/``jax.hessian`` raise; use
-    :func:`squared_euclidean` for forward-mode derivatives.
+    one masked pass (timings in BENCHMARKS.md). The gradient is 0 where the distance was
+    clamped to 0 (and on the diagonal), as autodiff's. Reverse mode only:
+    ``jax.jvp``/``jax.hessian`` raise; use :func:`squared_euclidean` for forward-mode
+    derivatives.
     """
     batch = x.shape[0]
     if _resolve_method(method, batch, batch, x.shape[1]) == "difference":
@@ -185,7 +211,7 @@ def pairwise_distances(
     x: jax.Array,
     y: jax.Array | None = None,
     *,
-    metric: Metric = "squared_euclidean",
+    metric: Metric = DEFAULT_METRIC,
     precision=HIGHEST,
     method: DistanceMethod = "auto",
 ) -> jax.Array:
@@ -194,8 +220,8 @@ def pairwise_distances(
     Args:
       x: [B, D] floating array.
       y: [M, D] floating array or None (then ``y = x``).
-      metric: ``"squared_euclidean"``, ``"euclidean"`` (distances) or ``"cosine"``
-        (a similarity: larger means closer).
+      metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (distances) or
+        ``"cosine"`` (a similarity: larger means closer).
       precision: matmul precision; full float32 by default.
       method: Euclidean metrics only — ``"auto"``, ``"matmul"`` or ``"difference"``; see
         :func:`squared_euclidean` (accuracy for close points vs. memory at large sizes).
@@ -203,7 +229,7 @@ def pairwise_distances(
     Returns:
       [B, M] array in ``x``'s compute dtype (at least float32).
     """
-    _checks.choice(metric, "metric", METRICS)
+    check_metric(metric)
     x = _checks.embeddings_array(x, "x")
     if y is not None:
         y = _checks.embeddings_array(y, "y")
@@ -223,7 +249,7 @@ def pairwise_distances_rows(
     row_index: jax.Array | None,
     rows: jax.Array | None = None,
     *,
-    metric: Metric = "squared_euclidean",
+    metric: Metric = DEFAULT_METRIC,
     precision=HIGHEST,
     method: DistanceMethod = "auto",
 ) -> jax.Array:
@@ -234,10 +260,25 @@ def pairwise_distances_rows(
     ``rows`` [R, D] may pass ``x[row_index]`` when the caller has it. Padding rows (index >= B)
     are allowed and give finite values.
     """
-    _checks.choice(metric, "metric", METRICS)
+    check_metric(metric)
     if metric == "cosine":
         if rows is None:
             rows = x if row_index is None else jnp.take(x, row_index, axis=0, mode="clip")
         return jnp.matmul(l2_normalize(rows), l2_normalize(x).T, precision=precision)
     squared = squared_euclidean_rows(x, row_index, rows, precision=precision, method=method)
     return squared if metric == "squared_euclidean" else safe_sqrt(squared)
+
+
+def ranking_scores(
+    x: jax.Array, y: jax.Array, *, metric: Metric = DEFAULT_METRIC, precision=HIGHEST
+) -> jax.Array:
+    """[B, M] scores of the rows of ``y`` [M, D] for each row of ``x`` [B, D], **smaller is
+    nearer**, for ranking neighbours under ``metric``: the squared Euclidean distance for
+    ``"euclidean"`` and ``"squared_euclidean"`` (the same order; the square root would only add
+    ties) and the negated cosine similarity for ``"cosine"``. In ``x``'s compute dtype; the
+    nearest-neighbour functions of :mod:`mlx_jax.metrics` and :mod:`mlx_jax.retrieval` rank
+    these scores (in float32) with ties broken by the lower index of ``y``."""
+    check_metric(metric)
+    if metric == "cosine":
+        return -pairwise_distances(x, y, metric="cosine", precision=precision)
+    return pairwise_distances(x, y, metric="squared_euclidean", precision=precision)

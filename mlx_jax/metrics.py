@@ -6,9 +6,13 @@ against 60k train references. Distances are computed by a jitted function on chu
 ``chunk_size`` queries (see :func:`mlx_jax.distances.pairwise_distances`), so the full
 [queries, references] matrix never exists at once. The k nearest neighbours are selected with
 ``lax.top_k`` inside the jitted function when k is small (k-NN, P@1), and on the host with an
-integer ``np.partition`` when k is large (MAP@R needs k = max R, e.g. ≈ 6000: several times
-faster on CPU than ``lax.top_k``), while the next chunk's distances are being computed. For 10k
-queries × 60k references, each function takes a few seconds on a 2-core CPU.
+integer ``np.partition`` (O(M) per row, no sort) when k is large (MAP@R needs k = max R, e.g.
+≈ 6000), while the next chunk's distances are being computed.
+
+Metrics. Every ``metric=`` takes a :data:`mlx_jax.distances.Metric` — ``"euclidean"``,
+``"squared_euclidean"`` or ``"cosine"`` — and defaults to ``"euclidean"``, as everywhere in
+mlx_jax (see :mod:`mlx_jax.distances`). Nearest-center accuracy and the intra/inter distance
+ratio are Euclidean by definition and take no ``metric``.
 
 Neighbour ranking. References are ranked by squared Euclidean distance for
 ``metric="euclidean"`` / ``"squared_euclidean"`` (the same order) and by decreasing cosine
@@ -25,23 +29,26 @@ from __future__ import annotations
 import fractions
 import functools
 import math
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mlx_jax import _checks
-from mlx_jax.distances import METRICS, Metric, pairwise_distances
+from mlx_jax._chunking import chunk_rows, map_chunks
+from mlx_jax.distances import (
+    DEFAULT_METRIC,
+    Metric,
+    check_metric,
+    pairwise_distances,
+    ranking_scores,
+)
 
 TieBreak = Literal["nearest", "smallest_label"]
 TIE_BREAKS: tuple[str, ...] = ("nearest", "smallest_label")
 
-# Automatic chunk size: at most CHUNK_ELEMENTS distances (2**22 float32 = 16 MiB; larger chunks
-# were no faster on a 2-core CPU) and at most MAX_CHUNK queries per chunk.
-CHUNK_ELEMENTS = 2**22
-MAX_CHUNK = 1024
 # Up to this many neighbours, select with lax.top_k inside JAX; above, on the host (NumPy).
 SMALL_K = 256
 
@@ -62,7 +69,7 @@ __all__ = [
 def _finite_embeddings(x, name: str) -> jax.Array:
     """[N, D] float, N, D >= 1, finite when concrete (NaN/inf raise ValueError naming ``name``)."""
     x = _checks.embeddings_array(x, name)
-    if _checks._is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    if _checks.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError(f"{name} must be finite, but contains NaN or inf values")
     return x
 
@@ -80,69 +87,18 @@ def _same_dim(reference: jax.Array, dim: int, name: str) -> None:
         )
 
 
-def _chunk_size(chunk_size: int | None, num_queries: int, num_columns: int) -> int:
-    if chunk_size is None:
-        chunk_size = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(num_columns, 1)))
-    elif not isinstance(chunk_size, int | np.integer) or isinstance(chunk_size, bool):
-        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    elif chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(min(chunk_size, num_queries))
-
-
-def _positive_int(value, name: str) -> int:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------------------------
 # Chunked evaluation
-
-
-def _chunks(
-    fn: Callable[..., Any], queries: jax.Array, chunk: int, *args
-) -> Iterator[tuple[int, Any]]:
-    """Yields ``(start, np.asarray(fn(queries[start:start + chunk], start, *args)))``.
-
-    Queries are zero-padded to a multiple of ``chunk`` so ``fn`` compiles once; the rows of the
-    last result past the end are dropped. One chunk is dispatched ahead, so JAX computes the next
-    chunk while the caller's NumPy code processes the current one. ``fn`` may return a tuple (any
-    pytree) of arrays with the chunk's rows first; each one is converted and trimmed.
-    """
-    n = queries.shape[0]
-    num_chunks = -(-n // chunk)
-    padded = jnp.pad(queries, ((0, num_chunks * chunk - n), (0, 0)))
-    pending: tuple[int, jax.Array] | None = None
-    for i in range(num_chunks):
-        start = i * chunk
-        out = fn(jax.lax.dynamic_slice_in_dim(padded, start, chunk), start, *args)
-        if pending is not None:
-            yield pending[0], _rows_to_host(pending[1], n - pending[0])
-        pending = (start, out)
-    assert pending is not None
-    yield pending[0], _rows_to_host(pending[1], n - pending[0])
-
-
-def _rows_to_host(out, rows: int):
-    """``out`` (an array or pytree of arrays) as NumPy arrays, keeping the first ``rows`` rows."""
-    return jax.tree.map(lambda a: np.asarray(a)[:rows], out)
 
 
 def _ranking_scores(
     queries: jax.Array, start, reference: jax.Array, metric: str, exclude_self: bool
 ) -> jax.Array:
-    """[chunk, M] float32 scores, smaller = nearer: the squared Euclidean distance (the same
-    order as the Euclidean one, whose square root only adds ties) or the negated cosine
-    similarity. Query ``start + r`` vs itself scores +inf when ``exclude_self`` (queries =
-    references). Float64 scores (under ``jax.enable_x64``) are rounded to float32, so both
-    selection paths rank the same values."""
-    if metric == "cosine":
-        scores = -pairwise_distances(queries, reference, metric="cosine")
-    else:
-        scores = pairwise_distances(queries, reference, metric="squared_euclidean")
+    """[chunk, M] float32 :func:`mlx_jax.distances.ranking_scores` (smaller = nearer). Query
+    ``start + r`` vs itself scores +inf when ``exclude_self`` (queries = references). Float64
+    scores (under ``jax.enable_x64``) are rounded to float32, so both selection paths rank the
+    same values."""
+    scores = ranking_scores(queries, reference, metric=metric)
     if exclude_self:
         rows = start + jnp.arange(queries.shape[0])
         is_self = jnp.arange(reference.shape[0])[None, :] == rows[:, None]
@@ -210,19 +166,19 @@ def _nearest_neighbours(
 
     Small k (<= SMALL_K) selects inside the jitted function with ``lax.top_k``; large k (MAP@R
     needs k = max R, thousands) selects on the host with :func:`_nearest_indices`, which is
-    several times faster on CPU than ``lax.top_k`` there. Both give the same indices.
+    an O(M) partition per row instead of a sort. Both give the same indices.
     """
     num_references = reference.shape[0]
     if num_references >= 2**32:
         raise ValueError(f"at most 2**32 - 1 references are supported, got {num_references}")
-    chunk = _chunk_size(chunk_size, query.shape[0], num_references)
+    chunk = chunk_rows(chunk_size, query.shape[0], num_references)
     if k <= SMALL_K:
         fn = functools.partial(_top_k_indices, k=k, metric=metric, exclude_self=exclude_self)
-        yield from _chunks(fn, query, chunk, reference)
+        yield from map_chunks(fn, query, chunk, reference)
         return
     buffer = np.empty((chunk, num_references), np.uint64)
     fn = functools.partial(_ranking_keys, metric=metric, exclude_self=exclude_self)
-    for start, keys in _chunks(fn, query, chunk, reference):
+    for start, keys in map_chunks(fn, query, chunk, reference):
         yield start, _nearest_indices(keys, k, buffer)
 
 
@@ -266,7 +222,7 @@ def class_means(embeddings: jax.Array, labels: jax.Array, num_classes: int) -> j
     Returns:
       [C, D] means in the embeddings' compute dtype (at least float32).
     """
-    num_classes = _positive_int(num_classes, "num_classes")
+    num_classes = _checks.positive_int(num_classes, "num_classes")
     x = _finite_embeddings(embeddings, "embeddings")
     y = _checks.labels_array(labels, x.shape[0], "labels", num_classes=num_classes)
     sums = jax.ops.segment_sum(x, y, num_segments=num_classes)
@@ -317,9 +273,9 @@ def nearest_center_accuracy(
         raise ValueError("centers has NaN in every row: there is no center to assign to")
     y = _host_labels(labels, x.shape[0], "labels", num_classes=c.shape[0])
     x, c = _checks.promote_all(x, c)
-    chunk = _chunk_size(chunk_size, x.shape[0], c.shape[0])
+    chunk = chunk_rows(chunk_size, x.shape[0], c.shape[0])
     correct = 0
-    for start, predicted in _chunks(_nearest_center, x, chunk, c):
+    for start, predicted in map_chunks(_nearest_center, x, chunk, c):
         correct += int(np.sum(predicted == y[start : start + len(predicted)]))
     return correct / x.shape[0]
 
@@ -331,7 +287,7 @@ def knn_accuracy(
     reference_labels: jax.Array,
     *,
     k: int = 1,
-    metric: Metric = "euclidean",
+    metric: Metric = DEFAULT_METRIC,
     tie_break: TieBreak = "nearest",
     chunk_size: int | None = None,
 ) -> float:
@@ -348,21 +304,22 @@ def knn_accuracy(
       query: [Q, D] float. query_labels: [Q] int >= 0.
       reference: [M, D] float. reference_labels: [M] int >= 0.
       k: number of neighbours, 1 <= k <= M.
-      metric: ``"euclidean"``, ``"squared_euclidean"`` (same neighbours) or ``"cosine"``.
+      metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (same neighbours) or
+        ``"cosine"``.
       tie_break: ``"nearest"`` or ``"smallest_label"``.
       chunk_size: queries per distance chunk (None: automatic, ≤ 16 MiB of distances).
 
     Returns:
       The accuracy as a Python float.
     """
-    _checks.choice(metric, "metric", METRICS)
+    check_metric(metric)
     _checks.choice(tie_break, "tie_break", TIE_BREAKS)
     q = _finite_embeddings(query, "query")
     r = _finite_embeddings(reference, "reference")
     _same_dim(r, q.shape[1], "reference")
     q_labels = _host_labels(query_labels, q.shape[0], "query_labels")
     r_labels = _host_labels(reference_labels, r.shape[0], "reference_labels")
-    k = _positive_int(k, "k")
+    k = _checks.positive_int(k, "k")
     if k > r.shape[0]:
         raise ValueError(f"k must be <= the number of references ({r.shape[0]}), got {k}")
     q, r = _checks.promote_all(q, r)
@@ -395,7 +352,7 @@ def retrieval_metrics(
     reference: jax.Array | None = None,
     reference_labels: jax.Array | None = None,
     *,
-    metric: Metric = "euclidean",
+    metric: Metric = DEFAULT_METRIC,
     chunk_size: int | None = None,
 ) -> dict[str, float]:
     """Precision@1, R-Precision and MAP@R (Musgrave, Belongie & Lim 2020, "A Metric Learning
@@ -417,20 +374,21 @@ def retrieval_metrics(
     from its own ranking (PML's ``ref_includes_query``). Passing the same array explicitly as
     ``reference`` does *not* exclude it: each query then finds itself first.
 
-    Cost: the top max(R) references of each query are selected per chunk, e.g. 10k queries vs
-    60k references with 10 balanced classes (R ≈ 6000) take a few seconds on a 2-core CPU and
-    hold one chunk of distances (≤ 16 MiB by default) plus its top-R indices at a time.
+    Cost: the top max(R) references of each query are selected per chunk (e.g. R ≈ 6000 for
+    60k references of 10 balanced classes), holding one chunk of distances (≤ 16 MiB by
+    default) plus its top-R indices at a time.
 
     Args:
       query: [Q, D] float. query_labels: [Q] int >= 0.
       reference: [M, D] float or None. reference_labels: [M] int >= 0, given iff ``reference``.
-      metric: ``"euclidean"``, ``"squared_euclidean"`` (same ranking) or ``"cosine"``.
+      metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (same ranking) or
+        ``"cosine"``.
       chunk_size: queries per chunk (None: automatic).
 
     Returns:
       ``{"precision_at_1": float, "r_precision": float, "map_at_r": float}``.
     """
-    _checks.choice(metric, "metric", METRICS)
+    check_metric(metric)
     q = _finite_embeddings(query, "query")
     q_labels = _host_labels(query_labels, q.shape[0], "query_labels")
     if (reference is None) != (reference_labels is None):
@@ -526,9 +484,9 @@ def intra_inter_distance_ratio(
         raise ValueError("labels must have a class with at least two samples (no intra pairs)")
     if inter_pairs == 0:
         raise ValueError("labels must contain at least two classes (no inter-class pairs)")
-    chunk = _chunk_size(chunk_size, x.shape[0], x.shape[0])
+    chunk = chunk_rows(chunk_size, x.shape[0], x.shape[0])
     intra = total = 0.0
-    for _, sums in _chunks(_distance_row_sums, x, chunk, x, jnp.asarray(y, jnp.int32)):
+    for _, sums in map_chunks(_distance_row_sums, x, chunk, x, jnp.asarray(y, jnp.int32)):
         intra += float(np.sum(sums[:, 0], dtype=np.float64))
         total += float(np.sum(sums[:, 1], dtype=np.float64))
     return (intra / intra_pairs) / ((total - intra) / inter_pairs)
@@ -536,9 +494,6 @@ def intra_inter_distance_ratio(
 
 # --------------------------------------------------------------------------------------------
 # Verification (FaceNet, Schroff, Kalenichenko & Philbin 2015, §5) and clustering
-
-VerificationMetric = Literal["squared_euclidean", "euclidean", "cosine"]
-VERIFICATION_METRICS: tuple[str, ...] = ("squared_euclidean", "euclidean", "cosine")
 
 __all__ += [
     "verification_rates",
@@ -569,7 +524,7 @@ def _verification_pairs(
 
     Each unordered pair is yielded once, computed in the row of its smaller index.
     """
-    _checks.choice(metric, "metric", VERIFICATION_METRICS)
+    check_metric(metric)
     x = _finite_embeddings(embeddings, "embeddings")
     n = x.shape[0]
     y = _host_labels(labels, n, "labels")
@@ -582,11 +537,11 @@ def _verification_pairs(
         )
     if num_diff == 0:
         raise ValueError("labels must contain at least two classes (no different-identity pairs)")
-    chunk = _chunk_size(chunk_size, n, n)
+    chunk = chunk_rows(chunk_size, n, n)
     fn = functools.partial(_pair_distance_rows, metric=metric)
 
     def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start, d in _chunks(fn, x, chunk, x):
+        for start, d in map_chunks(fn, x, chunk, x):
             rows = np.arange(start, start + len(d))
             upper = d[:, start + 1 :]  # columns j > start; j > i masked below
             later = np.arange(start + 1, n)[None, :] > rows[:, None]
@@ -601,7 +556,7 @@ def verification_rates(
     labels: jax.Array,
     thresholds,
     *,
-    metric: VerificationMetric = "squared_euclidean",
+    metric: Metric = DEFAULT_METRIC,
     chunk_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FaceNet's validation rate and false accept rate at given distance thresholds.
@@ -613,15 +568,15 @@ def verification_rates(
         TA(d) = {(i, j) ∈ P_same : D(x_i, x_j) <= d}     VAL(d) = |TA(d)| / |P_same|
         FA(d) = {(i, j) ∈ P_diff : D(x_i, x_j) <= d}     FAR(d) = |FA(d)| / |P_diff|
 
-    D is the squared Euclidean distance (FaceNet's), the Euclidean distance, or the cosine
-    distance 1 − cos(x_i, x_j) (``metric``), computed in float32. Counts are exact; the pairs are
-    streamed in row chunks (memory: one chunk of distances, ≤ 16 MiB by default).
+    D is the Euclidean distance (default), the squared Euclidean distance (FaceNet's) or the
+    cosine distance 1 − cos(x_i, x_j) (``metric``), computed in float32. Counts are exact; the
+    pairs are streamed in row chunks (memory: one chunk of distances, ≤ 16 MiB by default).
 
     Args:
       embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least one same-class and
         one different-class pair.
       thresholds: a float or [T] floats (not NaN), in any order.
-      metric: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
+      metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (FaceNet's) or ``"cosine"``.
       chunk_size: rows per chunk (None: automatic).
 
     Returns:
@@ -655,7 +610,7 @@ def val_at_far(
     labels: jax.Array,
     far: float = 1e-3,
     *,
-    metric: VerificationMetric = "squared_euclidean",
+    metric: Metric = DEFAULT_METRIC,
     chunk_size: int | None = None,
 ) -> tuple[float, float, float]:
     """VAL at a target FAR, with the threshold found on the data (FaceNet reports VAL at
@@ -679,8 +634,8 @@ def val_at_far(
       embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least one same-class and
         one different-class pair.
       far: target false accept rate, 0 < far < 1.
-      metric: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"`` (the cosine
-        distance 1 − cos); the threshold is in its units.
+      metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (FaceNet's) or ``"cosine"``
+        (the cosine distance 1 − cos); the threshold is in its units.
       chunk_size: rows per chunk (None: automatic).
 
     Returns:
@@ -732,7 +687,7 @@ def roc_curve(
     embeddings: jax.Array,
     labels: jax.Array,
     *,
-    metric: VerificationMetric = "squared_euclidean",
+    metric: Metric = DEFAULT_METRIC,
     drop_intermediate: bool = True,
     chunk_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -753,7 +708,7 @@ def roc_curve(
     Args:
       embeddings: [N, D] float, finite. labels: [N] int >= 0 with at least one same-class and
         one different-class pair.
-      metric: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
+      metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (FaceNet's) or ``"cosine"``.
       drop_intermediate: drop collinear points (default True).
       chunk_size: rows per chunk (None: automatic).
 
@@ -789,7 +744,7 @@ def roc_auc(
     embeddings: jax.Array,
     labels: jax.Array,
     *,
-    metric: VerificationMetric = "squared_euclidean",
+    metric: Metric = DEFAULT_METRIC,
     chunk_size: int | None = None,
 ) -> float:
     """Area under the verification ROC curve (:func:`roc_curve`), computed exactly as the
@@ -836,7 +791,7 @@ def clustering_scores(
     """
     x = _finite_embeddings(embeddings, "embeddings")
     y = _host_labels(labels, x.shape[0], "labels")
-    n_init = _positive_int(n_init, "n_init")
+    n_init = _checks.positive_int(n_init, "n_init")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an int, got {seed!r}")
     num_classes = len(np.unique(y))

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mlx_jax import _checks, reductions
+from mlx_jax import reductions
 
 __all__ = [
     "DATA_AXIS",
@@ -72,6 +72,7 @@ __all__ = [
     "data_parallel",
     "gather_batch",
     "global_batch_loss",
+    "match_varying_axes",
     "mean_over_devices",
     "replicate",
     "replicated_sharding",
@@ -163,6 +164,31 @@ def sum_over_devices(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def match_varying_axes(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Casts every array to vary over each ``shard_map`` axis that any of them varies over.
+
+    For ``jax.custom_vjp`` functions called inside ``shard_map`` (the margin heads' fused
+    cross-entropy, :mod:`mlx_jax.losses.class_blocks`): a custom backward pass must return each
+    cotangent with its input's varying axes, and an input that is the same on every device (a
+    fixed scale, replicated class weights) combined with sharded rows would get a varying
+    cotangent, which shard_map rejects. Casting first (``lax.pcast(..., to="varying")``) is what
+    JAX's own autodiff inserts: its transpose sums the cotangent over the axis — the exact
+    gradient of a replicated input. Outside shard_map (no varying axes) the arrays come back
+    unchanged.
+    """
+    varying = [_varying_axes(a) for a in arrays]
+    axes = frozenset().union(*varying)
+    return tuple(
+        jax.lax.pcast(a, tuple(sorted(axes - own)), to="varying") if axes - own else a
+        for a, own in zip(arrays, varying, strict=True)
+    )
+
+
+def _varying_axes(array: jax.Array) -> frozenset[str]:
+    """The shard_map axes ``array`` varies over (empty outside shard_map)."""
+    return frozenset(jax.typeof(array).manual_axis_type.varying)
+
+
 # ----------------------------------------------------------------------------- global losses
 
 
@@ -212,7 +238,7 @@ def global_batch_loss(
         return gathered
 
     def summed(embeddings, labels, *state, weights=None, reduction="mean", **hyper):
-        _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+        reductions.check_reduction(reduction)
         terms = loss_fn(embeddings, labels, *state, weights=weights, reduction="none", **hyper)
         if reduction == "none":
             return terms

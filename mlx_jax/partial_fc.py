@@ -15,7 +15,7 @@ cosines [B, C/N]. Softmax cross-entropy needs three numbers per sample from all 
 where z_ij = s·cos θ_ij for j ≠ y_i and the target logit z_iy replaces the owner's column y_i
 (ArcFace paper, Deng et al. 2019, Eq. 4). The target cosine is summed over devices with every
 non-owner contributing 0, so each device sees the same z_iy and applies the margin with the very
-function the unsharded losses use (:func:`mlx_jax.losses.margin_softmax._combined_target`);
+function the unsharded losses use (:func:`mlx_jax.losses.margin_softmax.combined_margin_target`);
 the value and the gradients w.r.t. the embeddings and every W shard equal
 :func:`~mlx_jax.losses.margin_softmax.combined_margin_loss` up to float rounding. This is the
 *exact* Partial FC (sample rate r = 1, the paper's "model parallel" baseline); no [B, C] array
@@ -52,9 +52,9 @@ from jax.sharding import PartitionSpec as P
 from mlx_jax import _checks, reductions
 from mlx_jax.losses.margin_softmax import (
     Boundary,
-    _check_margins,
-    _combined_target,
-    _cosines,
+    check_margins,
+    combined_margin_target,
+    cosine_logits,
 )
 
 __all__ = [
@@ -135,13 +135,12 @@ def _margin_terms(x, labels, w_columns, columns, axis_name, num_classes, margins
     [K] (its whole shard, or the classes it sampled); ids >= num_classes are padding.
     ``margins`` = (m1, m2, m3, scale, boundary)."""
     m1, m2, m3, scale, boundary = margins
-    x, w_columns = _checks.promote_all(x, w_columns)
-    cosines = _cosines(x, w_columns)
+    cosines = cosine_logits(x, w_columns)
     owner = labels[:, None] == columns[None, :]  # at most one True per row, on one device
     cos_y = jax.lax.psum(jnp.sum(jnp.where(owner, cosines, 0.0), axis=1), axis_name)
     in_range = jnp.logical_and(labels >= 0, labels < num_classes)
     cos_y = jnp.where(in_range, cos_y, jnp.nan)  # no owner: NaN, as take_target unsharded
-    target = _combined_target(cos_y, m1, m2, m3, boundary)
+    target = combined_margin_target(cos_y, m1, m2, m3, boundary)
     logits = scale * jnp.where(owner, target[:, None], cosines)
     logits = jnp.where((columns < num_classes)[None, :], logits, -jnp.inf)
     # The max only keeps exp() in range: any M gives the same log-sum-exp, so it carries no
@@ -315,7 +314,8 @@ def partial_fc_loss(
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``; replicated.
     """
-    _check_margins(m1, m2, m3, scale, boundary, reduction)
+    check_margins(m1, m2, m3, scale, boundary)
+    reductions.check_reduction(reduction)
     x, y, w, sample_w, num_classes = _check_sharded_inputs(
         embeddings, labels, class_weights, weights, mesh, axis_name, num_classes, batch_sharded
     )
@@ -464,7 +464,7 @@ def partial_fc_predict(
 
     def per_device(x, w_local):
         columns = _shard_columns(w_local, axis_name)
-        cosines = _cosines(*_checks.promote_all(x, w_local))
+        cosines = cosine_logits(x, w_local)
         cosines = jnp.where((columns < num_classes)[None, :], cosines, -jnp.inf)
         local_best = jnp.max(cosines, axis=1)
         best = jax.lax.pmax(local_best, axis_name)

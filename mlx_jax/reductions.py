@@ -15,6 +15,13 @@ Reductions (``reduction=`` on every loss):
 * ``"none"``: the per-term ``loss`` array unreduced (shape documented per loss).
 
 An empty denominator (no valid term) gives 0 with zero — not NaN — gradients.
+
+Every public loss (``mlx_jax.losses``, the ``partial_fc_*_loss`` heads) takes ``weights=None``
+(per-sample [B], 0 excludes a sample) and ``reduction: Reduction = "mean"``, validated by
+:func:`check_reduction`; the building blocks that return per-sample terms for a caller to weight
+and reduce (``margin_cross_entropy``, ``partial_fc_terms``) take neither. Pair losses also take
+``balance: Balance`` (see :func:`mlx_jax.losses.contrastive_loss`): ``"pairs"`` reduces positive
+and negative pairs together, ``"pos_neg"`` each kind on its own and adds the two.
 """
 
 from __future__ import annotations
@@ -24,10 +31,20 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from mlx_jax import _checks
-
 Reduction = Literal["mean", "sum", "mean_nonzero", "none"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "mean_nonzero", "none")
+Balance = Literal["pairs", "pos_neg"]
+BALANCES: tuple[str, ...] = ("pairs", "pos_neg")
+
+
+def check_reduction(reduction, supported: tuple[str, ...] = REDUCTIONS, why: str = "") -> str:
+    """``reduction`` if it is one of ``supported`` (default: all of :data:`REDUCTIONS`), else
+    ``ValueError`` naming the argument, the accepted values and, for a loss that supports only
+    some, ``why``."""
+    if reduction not in supported:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"reduction must be one of {list(supported)}{reason}, got {reduction!r}")
+    return reduction
 
 
 def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
@@ -43,7 +60,7 @@ def reduce_terms(
     nonzero_weight: jax.Array | None = None,
 ) -> jax.Array:
     """Reduces weighted per-term losses; see the module docstring for the conventions."""
-    _checks.choice(reduction, "reduction", REDUCTIONS)
+    check_reduction(reduction)
     if reduction == "none":
         return loss
     total = jnp.sum(loss)

@@ -9,20 +9,24 @@ FaceNet; seed 000: the open-set argument). This module is that path, with no fai
     predicted = identify(gallery, queries, threshold=0.5)         # [Q], UNKNOWN (-1) if rejected
     save(gallery, "gallery.npz"); gallery = load("gallery.npz")
 
-Metrics and scores.
+Metrics and scores. ``metric`` is a :data:`mlx_jax.distances.Metric` and defaults to
+``"euclidean"``, as every ``metric=`` in mlx_jax (see :mod:`mlx_jax.distances`):
 
+* ``metric="euclidean"`` (default): the score is the Euclidean distance ‖q − g‖₂: **lower is
+  closer**, results are in increasing distance order, and :func:`identify` accepts a match
+  when ``score <= threshold``.
+* ``metric="squared_euclidean"``: the same with the squared distance ‖q − g‖₂² as the score
+  (and the threshold).
 * ``metric="cosine"``: the score is the cosine similarity cos(q, g) = q̂·ĝ of L2-normalized
   vectors (:func:`mlx_jax.distances.cosine_similarity`): **higher is closer**, results are in
   decreasing score order, and :func:`identify` accepts a match when ``score >= threshold``.
-* ``metric="euclidean"``: the score is the Euclidean distance ‖q − g‖₂: **lower is closer**,
-  results are in increasing distance order, and :func:`identify` accepts a match when
-  ``score <= threshold``.
 
-Ranking is done in float32 on the squared Euclidean distance (same order as the distance) or the
-negated cosine similarity, exactly as :mod:`mlx_jax.metrics` ranks neighbours. Equal scores are
-ranked by gallery index, lower first (as a stable sort of each full row would rank them), so
-results are deterministic. The chunking does not change the ranking rule; it can only change the
-last bit of a score where the matmul's float32 rounding depends on the chunk's shape.
+Ranking is done in float32 on :func:`mlx_jax.distances.ranking_scores` (the squared Euclidean
+distance, or the negated cosine similarity), exactly as :mod:`mlx_jax.metrics` ranks neighbours.
+Equal scores are ranked by gallery index, lower first (as a stable sort of each full row would
+rank them), so results are deterministic. The chunking does not change the ranking rule; it can
+only change the last bit of a score where the matmul's float32 rounding depends on the chunk's
+shape.
 
 Memory. :func:`search` is jitted and chunked twice: queries in chunks of ``query_chunk_size``
 rows (the chunking of :mod:`mlx_jax.metrics`) and, inside one compiled ``lax.scan``, the gallery
@@ -41,16 +45,14 @@ import functools
 import math
 import os
 import zipfile
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlx_jax import _checks, metrics
-
-GalleryMetric = Literal["cosine", "euclidean"]
-GALLERY_METRICS: tuple[str, ...] = ("cosine", "euclidean")
+from mlx_jax import _checks
+from mlx_jax._chunking import chunk_rows, map_chunks
+from mlx_jax.distances import DEFAULT_METRIC, Metric, check_metric, ranking_scores
 
 UNKNOWN = -1  # identity returned by identify() for a rejected (open-set) query
 FORMAT_VERSION = 1  # version of the .npz layout written by save()
@@ -58,7 +60,6 @@ DEFAULT_CHUNK = 4096  # gallery entries per chunk when chunk_size is None
 _FILE_KEYS = frozenset({"format_version", "metric", "embeddings", "identities"})
 
 __all__ = [
-    "GALLERY_METRICS",
     "UNKNOWN",
     "Gallery",
     "enroll",
@@ -122,8 +123,8 @@ class Gallery:
         enrolled into but not searched).
       identities: [N] int64 NumPy array (read-only), identities >= 0; several entries may share
         an identity (several enrolled images of one person).
-      metric: ``"cosine"`` (similarity, higher is closer) or ``"euclidean"`` (distance, lower is
-        closer); see the module docstring.
+      metric: ``"euclidean"`` (default) or ``"squared_euclidean"`` (distances, lower is
+        closer) or ``"cosine"`` (similarity, higher is closer); see the module docstring.
 
     Build it with :meth:`Gallery.create` (the fields are validated on any construction) and
     extend it with :func:`enroll`, which returns a new gallery.
@@ -131,16 +132,16 @@ class Gallery:
 
     embeddings: jax.Array
     identities: np.ndarray
-    metric: str = "cosine"
+    metric: Metric = DEFAULT_METRIC
 
     def __post_init__(self) -> None:
-        _checks.choice(self.metric, "metric", GALLERY_METRICS)
+        check_metric(self.metric)
         x = _gallery_embeddings(self.embeddings, "embeddings")
         object.__setattr__(self, "embeddings", x)
         object.__setattr__(self, "identities", _identities(self.identities, x.shape[0]))
 
     @classmethod
-    def create(cls, embeddings, identities, *, metric: GalleryMetric = "cosine") -> Gallery:
+    def create(cls, embeddings, identities, *, metric: Metric = DEFAULT_METRIC) -> Gallery:
         """A gallery of ``embeddings`` [N, D] float with ``identities`` [N] int >= 0."""
         return cls(embeddings, identities, metric)
 
@@ -177,10 +178,6 @@ def enroll(gallery: Gallery, embeddings, identities) -> Gallery:
 # Search
 
 
-def _ranking_metric(metric: str) -> str:
-    return "cosine" if metric == "cosine" else "squared_euclidean"
-
-
 @functools.partial(jax.jit, static_argnames=("k", "metric", "chunk"))
 def _search_chunk(
     queries: jax.Array, start, gallery: jax.Array, *, k: int, metric: str, chunk: int
@@ -197,7 +194,6 @@ def _search_chunk(
     """
     del start
     n = gallery.shape[0]
-    ranking = _ranking_metric(metric)
     biggest = jnp.finfo(jnp.float32).max
 
     def step(carry, i):
@@ -206,7 +202,7 @@ def _search_chunk(
         offset = jnp.minimum(begin, n - chunk)
         block = jax.lax.dynamic_slice_in_dim(gallery, offset, chunk)
         index = offset + jnp.arange(chunk, dtype=jnp.int32)
-        keys = metrics._ranking_scores(queries, 0, block, ranking, False)
+        keys = ranking_scores(queries, block, metric=metric).astype(jnp.float32)
         keys = jnp.where(index[None, :] >= begin, jnp.minimum(keys, biggest), jnp.inf)
         all_keys = jnp.concatenate([best_keys, keys], axis=1)
         all_index = jnp.concatenate(
@@ -221,8 +217,9 @@ def _search_chunk(
     )
     num_chunks = -(-n // chunk)
     (keys, index), _ = jax.lax.scan(step, init, jnp.arange(num_chunks, dtype=jnp.int32))
-    scores = -keys if metric == "cosine" else jnp.sqrt(keys)
-    return scores, index
+    if metric == "cosine":
+        return -keys, index
+    return (jnp.sqrt(keys) if metric == "euclidean" else keys), index
 
 
 def _queries(gallery: Gallery, queries, name: str = "queries") -> jax.Array:
@@ -244,7 +241,7 @@ def _queries(gallery: Gallery, queries, name: str = "queries") -> jax.Array:
 def _gallery_chunk(chunk_size: int | None, size: int) -> int:
     if chunk_size is None:
         return min(DEFAULT_CHUNK, size)
-    return min(metrics._positive_int(chunk_size, "chunk_size"), size)
+    return min(_checks.positive_int(chunk_size, "chunk_size"), size)
 
 
 def search(
@@ -268,23 +265,24 @@ def search(
 
     Returns:
       ``(scores, indices, identities)``, NumPy arrays [Q, k]: ``scores`` float32 (cosine
-      similarity, decreasing, or Euclidean distance, increasing; see the module docstring),
+      similarity, decreasing, or the (squared) Euclidean distance, increasing; see the module
+      docstring),
       ``indices`` int64 gallery indices, ``identities`` int64 identities of those entries.
       Equal scores are ordered by gallery index, lower first.
     """
     q = _queries(gallery, queries)
-    k = metrics._positive_int(k, "k")
+    k = _checks.positive_int(k, "k")
     if k > gallery.size:
         raise ValueError(f"k must be <= the gallery size ({gallery.size}), got {k}")
     if gallery.size >= 2**31:
         raise ValueError(f"at most 2**31 - 1 gallery entries are supported, got {gallery.size}")
     chunk = _gallery_chunk(chunk_size, gallery.size)
-    rows = metrics._chunk_size(query_chunk_size, q.shape[0], chunk + k)
+    rows = chunk_rows(query_chunk_size, q.shape[0], chunk + k)
     q, g = _checks.promote_all(q, gallery.embeddings)
     fn = functools.partial(_search_chunk, k=k, metric=gallery.metric, chunk=chunk)
     scores = np.empty((q.shape[0], k), np.float32)
     indices = np.empty((q.shape[0], k), np.int64)
-    for start, (s, i) in metrics._chunks(fn, q, rows, g):
+    for start, (s, i) in map_chunks(fn, q, rows, g):
         scores[start : start + len(s)] = s
         indices[start : start + len(i)] = i
     return scores, indices, gallery.identities[indices]
@@ -312,7 +310,8 @@ def identify(
     accepted when it is close enough, else the query is rejected as an identity not enrolled:
 
     * cosine: accepted iff cos(q, g) >= ``threshold`` (e.g. 0.5; -1 accepts every query);
-    * euclidean: accepted iff ‖q − g‖₂ <= ``threshold`` (``inf`` accepts every query).
+    * euclidean: accepted iff ‖q − g‖₂ <= ``threshold`` (``inf`` accepts every query);
+    * squared_euclidean: accepted iff ‖q − g‖₂² <= ``threshold``.
 
     Args:
       gallery: a non-empty :class:`Gallery`. queries: [Q, D] float, finite.

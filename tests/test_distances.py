@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from mlx_jax.distances import (
+    UnsupportedMetricError,
     all_pairs_squared_euclidean,
+    check_metric,
     pairwise_distances,
+    ranking_scores,
     safe_sqrt,
     squared_euclidean,
 )
@@ -92,9 +95,34 @@ def test_bfloat16_input_computes_in_float32():
     assert pairwise_distances(x).dtype == jnp.float32
 
 
+def test_default_metric_is_euclidean():
+    x = np.array([[0.0, 0.0], [3.0, 4.0]], np.float32)
+    np.testing.assert_allclose(pairwise_distances(x), [[0.0, 5.0], [5.0, 0.0]], atol=1e-6)
+
+
+def test_ranking_scores_order_like_the_metric():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(7, 4)).astype(np.float32)
+    for metric in METRICS:
+        scores = np.asarray(ranking_scores(x, y, metric=metric))
+        d = reference(x, y, metric)
+        expected = np.argsort(-d if metric == "cosine" else d, axis=1, kind="stable")
+        np.testing.assert_array_equal(np.argsort(scores, axis=1, kind="stable"), expected)
+    np.testing.assert_allclose(
+        ranking_scores(x, y), reference(x, y, "squared_euclidean"), rtol=1e-5
+    )
+
+
+def test_unsupported_metric_error_names_the_supported_subset():
+    assert check_metric("cosine") == "cosine"
+    with pytest.raises(UnsupportedMetricError, match=r"\['cosine'\] for f, got 'euclidean'"):
+        check_metric("euclidean", ("cosine",), "f")
+    assert issubclass(UnsupportedMetricError, ValueError)
+
+
 def test_bad_input():
     x = np.ones((3, 2), np.float32)
-    with pytest.raises(ValueError, match="metric must be one of"):
+    with pytest.raises(UnsupportedMetricError, match="metric must be one of"):
         pairwise_distances(x, metric="manhattan")
     with pytest.raises(ValueError, match=r"y must have shape \[M, 2\]"):
         jax.jit(pairwise_distances).lower(x, np.ones((3, 4), np.float32))

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 
 from mlx_jax.losses.margin_softmax import (
-    _combined_target,
     arcface_loss,
     combined_margin_loss,
+    combined_margin_target,
     cosface_loss,
     cosine_logits,
     margin_cross_entropy,
@@ -125,9 +125,9 @@ def test_large_angle_case_exercises_the_boundary():
 def test_monotonic_boundary_is_non_increasing_in_theta(m1, m2, m3):
     with jax.enable_x64(True):
         cos = jnp.cos(jnp.linspace(0.0, math.pi, 20_001))  # θ increasing
-        target = _combined_target(cos, m1, m2, m3, "monotonic")
+        target = combined_margin_target(cos, m1, m2, m3, "monotonic")
         assert np.all(np.diff(np.asarray(target)) <= 1e-12)
-        raw = _combined_target(cos, m1, m2, m3, "none")
+        raw = combined_margin_target(cos, m1, m2, m3, "none")
         if (math.pi - m2) / m1 < math.pi:  # the raw margin does turn back up
             assert np.any(np.diff(np.asarray(raw)) > 0)
 
@@ -135,7 +135,7 @@ def test_monotonic_boundary_is_non_increasing_in_theta(m1, m2, m3):
 def test_monotonic_matches_insightface_formula_for_m1_equal_1():
     m = 0.5
     c = np.array([0.9, 0.0, -0.8, -0.9, -0.99, -1.0])
-    out = _combined_target(jnp.asarray(c, jnp.float32), 1.0, m, 0.0, "monotonic")
+    out = combined_margin_target(jnp.asarray(c, jnp.float32), 1.0, m, 0.0, "monotonic")
     # insightface arcface_torch: where(cos > cos(π − m), cos(θ + m), cos − sin(π − m)·m)
     expected = np.where(
         c > math.cos(math.pi - m),

@@ -28,7 +28,9 @@ def brute_force(gallery, queries, metric, k):
         keys = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
     order = np.argsort(keys, axis=1, kind="stable")[:, :k]
     best = np.take_along_axis(keys, order, axis=1)
-    return (-best if metric == "cosine" else np.sqrt(best)), order
+    if metric == "cosine":
+        return -best, order
+    return (np.sqrt(best) if metric == "euclidean" else best), order
 
 
 def random_gallery(seed, n=1000, dim=16, num_ids=37):
@@ -38,7 +40,7 @@ def random_gallery(seed, n=1000, dim=16, num_ids=37):
     return g, ids
 
 
-METRICS = ["cosine", "euclidean"]
+METRICS = ["cosine", "euclidean", "squared_euclidean"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +107,17 @@ def test_cosine_scores_are_scale_invariant_and_euclidean_are_distances():
     s, i, _ = search(Gallery.create(g, [0, 1, 2], metric="euclidean"), q, 3)
     np.testing.assert_allclose(s, [[9.0, np.sqrt(104.0), 13.0]], rtol=1e-6)
     np.testing.assert_array_equal(i, [[0, 1, 2]])
+    s, i, _ = search(Gallery.create(g, [0, 1, 2], metric="squared_euclidean"), q, 3)
+    np.testing.assert_allclose(s, [[81.0, 104.0, 169.0]], rtol=1e-6)
+    np.testing.assert_array_equal(i, [[0, 1, 2]])
+
+
+def test_default_metric_is_euclidean():
+    g = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+    gallery = Gallery.create(g, [0, 1])
+    assert gallery.metric == "euclidean"
+    s, _, _ = search(gallery, np.array([[4.0, 0.0]], np.float32), 1)
+    np.testing.assert_allclose(s, [[3.0]], rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

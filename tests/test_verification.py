@@ -11,6 +11,8 @@ from mlx_jax import metrics
 from mlx_jax.metrics import clustering_scores, roc_auc, roc_curve, val_at_far, verification_rates
 
 METRICS = ["squared_euclidean", "euclidean", "cosine"]
+# FaceNet's distance; small-integer embeddings have exact float32 squared distances (ties).
+SQ = "squared_euclidean"
 
 # --------------------------------------------------------------------------------------------
 # Plain references (float64, explicit loops over pairs i < j; no code shared with the library)
@@ -92,22 +94,24 @@ def test_verification_rates_count_ties_as_accepted():
     x, y = integer_set(2)
     pairs = ref_pairs(x, y, "squared_euclidean")
     thresholds = np.unique([p[0] for p in pairs])  # every observed distance, exactly
-    val, far = verification_rates(x, y, thresholds)
+    val, far = verification_rates(x, y, thresholds, metric=SQ)
     expected = np.array([ref_rates(pairs, t) for t in thresholds])
     np.testing.assert_array_equal(np.stack([val, far], axis=1), expected)
-    val0, far0 = verification_rates(x, y, 2.0)  # a scalar threshold gives 0-d results
+    val0, far0 = verification_rates(x, y, 2.0, metric=SQ)  # a scalar threshold gives 0-d results
     assert val0.shape == () and (float(val0), float(far0)) == ref_rates(pairs, 2.0)
 
 
 def test_verification_rates_are_independent_of_chunking_and_order():
     x, y = integer_set(3, n=41)
     t = np.arange(0.0, 30.0, 0.5)
-    base = verification_rates(x, y, t, chunk_size=41)
+    base = verification_rates(x, y, t, metric=SQ, chunk_size=41)
     perm = np.random.default_rng(4).permutation(41)
     for chunk in (1, 5, None):
-        for a, b in zip(verification_rates(x, y, t, chunk_size=chunk), base, strict=True):
+        for a, b in zip(
+            verification_rates(x, y, t, metric=SQ, chunk_size=chunk), base, strict=True
+        ):
             np.testing.assert_array_equal(a, b)
-    for a, b in zip(verification_rates(x[perm], y[perm], t), base, strict=True):
+    for a, b in zip(verification_rates(x[perm], y[perm], t, metric=SQ), base, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -137,7 +141,7 @@ def test_val_at_far_ties_exact(far):
     pairs tied at δ_{m+1} are rejected together (achieved FAR may fall below the target)."""
     x, y = integer_set(6, n=40)
     pairs = ref_pairs(x, y, "squared_euclidean")
-    val, threshold, achieved = val_at_far(x, y, far)
+    val, threshold, achieved = val_at_far(x, y, far, metric=SQ)
     ref_val, _, ref_far, above = ref_val_at_far(pairs, far)
     assert (val, achieved) == (ref_val, ref_far)
     assert threshold == float(np.nextafter(np.float32(above), np.float32(-np.inf)))
@@ -146,11 +150,12 @@ def test_val_at_far_ties_exact(far):
 def test_val_at_far_below_one_false_accept_can_give_zero_val():
     x = np.array([[0.0], [0.1], [5.0], [5.2]], np.float32)
     y = np.array([0, 1, 0, 1])  # different pairs at 0.01, 0.04, 24.01, 27.04; same at 25, 26.01
-    val, threshold, achieved = val_at_far(x, y, far=0.2)  # |P_diff| = 4: no false accept allowed
+    # |P_diff| = 4: no false accept allowed
+    val, threshold, achieved = val_at_far(x, y, far=0.2, metric=SQ)
     assert (val, achieved) == (0.0, 0.0)
     assert 0.0 <= threshold < np.float32(0.1) ** 2
-    assert val_at_far(x, y, far=0.5)[::2] == (0.0, 0.5)  # two false accepts, below 25
-    val, threshold, achieved = val_at_far(x, y, far=0.75)
+    assert val_at_far(x, y, far=0.5, metric=SQ)[::2] == (0.0, 0.5)  # two false accepts, below 25
+    val, threshold, achieved = val_at_far(x, y, far=0.75, metric=SQ)
     assert (val, achieved) == (1.0, 0.75) and 26.01 < threshold < 27.04
 
 
@@ -160,7 +165,7 @@ def test_val_at_far_is_exact_on_a_larger_set():
     rng = np.random.default_rng(7)
     y = rng.integers(0, 30, size=3000)
     x = (rng.normal(size=(3000, 16)) + 0.7 * rng.normal(size=(30, 16))[y]).astype(np.float32)
-    val, threshold, achieved = val_at_far(x, y, 1e-3)
+    val, threshold, achieved = val_at_far(x, y, 1e-3, metric=SQ)
     chunks = list(metrics._verification_pairs(x, y, "squared_euclidean", None)[0])
     same = np.concatenate([c[0] for c in chunks])
     diff_sorted = np.sort(np.concatenate([c[1] for c in chunks]))
@@ -194,12 +199,14 @@ def sklearn_roc(pairs, drop_intermediate):
 def test_roc_matches_sklearn_with_ties(drop_intermediate, seed):
     x, y = integer_set(seed, n=35)
     pairs = ref_pairs(x, y, "squared_euclidean")
-    far, val, thresholds = roc_curve(x, y, drop_intermediate=drop_intermediate, chunk_size=4)
+    far, val, thresholds = roc_curve(
+        x, y, metric=SQ, drop_intermediate=drop_intermediate, chunk_size=4
+    )
     fpr, tpr, ref_thresholds, auc = sklearn_roc(pairs, drop_intermediate)
     np.testing.assert_array_equal(far, fpr)
     np.testing.assert_array_equal(val, tpr)
     np.testing.assert_array_equal(thresholds, ref_thresholds)  # exact, -inf first
-    assert roc_auc(x, y, chunk_size=4) == pytest.approx(auc, abs=1e-12)
+    assert roc_auc(x, y, metric=SQ, chunk_size=4) == pytest.approx(auc, abs=1e-12)
     assert np.trapezoid(val, far) == pytest.approx(auc, abs=1e-12)
 
 
@@ -224,7 +231,23 @@ def test_roc_auc_counts_same_and_diff_sides_alike():
     x, y = integer_set(11, n=30, classes=2)
     y = np.where(np.arange(30) < 26, 0, 1)  # 325 + 6 same pairs, 104 different pairs
     pairs = ref_pairs(x, y, "squared_euclidean")
-    assert roc_auc(x, y) == pytest.approx(sklearn_roc(pairs, True)[3], abs=1e-12)
+    assert roc_auc(x, y, metric=SQ) == pytest.approx(sklearn_roc(pairs, True)[3], abs=1e-12)
+
+
+def test_default_metric_is_euclidean():
+    x, y = random_set(13, n=30)
+    thresholds = np.array([0.5, 1.0, 2.0])
+    default = verification_rates(x, y, thresholds)
+    for a, b in zip(default, verification_rates(x, y, thresholds, metric="euclidean"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        default[0], [ref_rates(ref_pairs(x, y, "euclidean"), t)[0] for t in thresholds]
+    )
+    squared = verification_rates(x, y, thresholds, metric=SQ)
+    assert not np.array_equal(default[0], squared[0])  # the units differ
+    threshold = val_at_far(x, y, 0.1)[1]
+    assert threshold == val_at_far(x, y, 0.1, metric="euclidean")[1]
+    assert threshold != val_at_far(x, y, 0.1, metric=SQ)[1]
 
 
 def test_separated_classes_are_perfect():

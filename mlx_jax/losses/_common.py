@@ -10,28 +10,8 @@ import jax.numpy as jnp
 
 from mlx_jax import _checks, blockwise, distances, mining, reductions
 
-
-def match_varying_axes(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """Casts every array to vary over each ``shard_map`` axis that any of them varies over.
-
-    A ``jax.custom_vjp`` backward must return each cotangent with its input's varying axes; an
-    input that is the same on every device (a fixed scale, replicated class weights) combined
-    with sharded rows would get a varying cotangent and shard_map rejects it. Casting first
-    (``lax.pcast(..., to="varying")``) is what JAX's own autodiff inserts: its transpose sums
-    the cotangent over the axis — the exact gradient of a replicated input. Outside shard_map
-    (no varying axes) the arrays come back unchanged.
-    """
-    varying = [_varying_axes(a) for a in arrays]
-    axes = frozenset().union(*varying)
-    return tuple(
-        jax.lax.pcast(a, tuple(sorted(axes - own)), to="varying") if axes - own else a
-        for a, own in zip(arrays, varying, strict=True)
-    )
-
-
-def _varying_axes(array: jax.Array) -> frozenset[str]:
-    """The shard_map axes ``array`` varies over (empty outside shard_map)."""
-    return frozenset(jax.typeof(array).manual_axis_type.varying)
+# Its home is mlx_jax.parallel; kept importable from here for experiments/onednn_conv.py.
+from mlx_jax.parallel import match_varying_axes as match_varying_axes
 
 
 class Batch(NamedTuple):
@@ -175,8 +155,8 @@ def reduce_pair_terms(
     kind on its own and adds the two (pytorch-metric-learning's convention for pair losses).
     ``reduction="none"`` returns the [B, B] matrix of weighted pair losses.
     """
-    _checks.choice(balance, "balance", ("pairs", "pos_neg"))
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    _checks.choice(balance, "balance", reductions.BALANCES)
+    reductions.check_reduction(reduction)
     rows = Rows(
         jnp.arange(batch.labels.shape[0]),
         batch.embeddings,

@@ -15,10 +15,9 @@ Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"), so only
 tile's cosines from the saved log-normalizer (one extra [B, D]×[D, block] matmul per block) and
 forms ∂x̂ = Σ_blocks G·ŵ_bᵀ and ∂ŵ_b = x̂ᵀ·G with G_ij = s_i·g_i·p_ij off the target column.
 Memory: O(B·block_size + D·C) instead of O(B·C); values and gradients equal the dense form to
-float rounding (``tests/test_class_blocks.py``). Reverse mode only (``jax.custom_vjp``).
-Measured on the 2-core dev CPU (BENCHMARKS.md) at B = 1024, D = 128, C = 100,000, blocks of
-8192: XLA memory 832 → 208 MiB, fwd+bwd time unchanged within noise — on XLA:CPU the recomputed
-matmul costs about what the avoided [B, C] passes save, so this buys memory, not speed.
+float rounding (``tests/test_class_blocks.py``). Reverse mode only (``jax.custom_vjp``). The
+recomputed matmul costs about what the avoided [B, C] passes save: this buys memory, not speed
+(timings in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax.distances import HIGHEST
-from mlx_jax.losses._common import match_varying_axes
+from mlx_jax.parallel import match_varying_axes
 
 __all__ = ["blockwise_margin_cross_entropy", "target_cosines"]
 
@@ -82,7 +81,7 @@ def blockwise_margin_cross_entropy(
     Returns:
       [B] ``logsumexp_j z_ij − s_i·t_i`` in the dtype of ``x_hat``; gradients flow to
       ``x_hat``, ``w_hat``, ``target_cosine`` and ``row_scale`` (inside ``shard_map``, a
-      replicated one's summed over the axis: :func:`~mlx_jax.losses._common.match_varying_axes`).
+      replicated one's summed over the axis: :func:`~mlx_jax.parallel.match_varying_axes`).
     """
     x_hat, w_hat, target_cosine, labels, row_scale = match_varying_axes(
         x_hat, w_hat, target_cosine, labels, row_scale

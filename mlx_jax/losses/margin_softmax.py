@@ -42,12 +42,15 @@ from mlx_jax import _checks, reductions
 from mlx_jax.blockwise import check_block_size
 from mlx_jax.distances import HIGHEST, l2_normalize, safe_sqrt
 from mlx_jax.losses import class_blocks
-from mlx_jax.losses._common import match_varying_axes, prepare_batch
+from mlx_jax.losses._common import prepare_batch
 from mlx_jax.losses.softmax import take_target, target_mask
+from mlx_jax.parallel import match_varying_axes
 
 __all__ = [
     "arcface_loss",
+    "check_margins",
     "combined_margin_loss",
+    "combined_margin_target",
     "cosface_loss",
     "cosine_logits",
     "sphereface_lambda",
@@ -84,7 +87,7 @@ def _cosines(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _is_exactly(value, target: float) -> bool:
     """True when ``value`` is a concrete scalar equal to ``target`` (traced → False)."""
-    return _checks._is_concrete(value) and np.ndim(value) == 0 and float(value) == target
+    return _checks.is_concrete(value) and np.ndim(value) == 0 and float(value) == target
 
 
 def _margin_head_loss(
@@ -131,13 +134,12 @@ def margin_cross_entropy(
     Same value and gradients as autodiff of the plain expression, with a hand-written VJP
     because at large C the [B, C] passes, not the matmuls, dominate: the softmax gradient is
     formed in one fused pass from the saved log-normalizer, and the target entries' gradient
-    goes to ``target_cosine`` as a [B] vector rather than through a [B, C] select. Measured
-    on the 2-core dev CPU at B=1024, D=128, C=100,000: CosFace fwd+bwd 723 → 408 ms, XLA
-    temporaries 1,223 → 832 MiB (BENCHMARKS.md). The gradient w.r.t. ``row_scale``,
+    goes to ``target_cosine`` as a [B] vector rather than through a [B, C] select (fewer
+    [B, C] passes and temporaries; timings in BENCHMARKS.md). The gradient w.r.t. ``row_scale``,
     ∂L_i/∂s_i = Σ_j p_ij·(z_ij / s_i) − t_i, is one more [B, C] reduction.
     Reverse mode only (``jax.custom_vjp``): ``jax.jvp`` through it raises. Inside
     ``shard_map`` a replicated input (e.g. a fixed scale) gets its cotangent summed over the
-    axis (:func:`~mlx_jax.losses._common.match_varying_axes`).
+    axis (:func:`~mlx_jax.parallel.match_varying_axes`).
     """
     cosines, target_cosine, labels, row_scale = match_varying_axes(
         cosines, target_cosine, labels, row_scale
@@ -177,20 +179,34 @@ def _margin_cross_entropy_backward(residuals, g):
 _margin_cross_entropy.defvjp(_margin_cross_entropy_forward, _margin_cross_entropy_backward)
 
 
-def _check_margins(m1, m2, m3, scale, boundary: str, reduction: str) -> None:
-    """Checks the hyperparameters of the combined margin (shared with :mod:`mlx_jax.partial_fc`)."""
+def check_margins(m1, m2, m3, scale, boundary: str) -> None:
+    """Validates the hyperparameters of :func:`combined_margin_loss` (also used by
+    :mod:`mlx_jax.partial_fc`): m1 > 0, 0 <= m2 < π, m3 >= 0, scale > 0 and ``boundary`` one of
+    ``"monotonic"``, ``"easy"``, ``"none"``. Raises ``ValueError`` naming the argument; traced
+    values pass unchecked."""
     _checks.choice(boundary, "boundary", BOUNDARIES)
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
     _checks.positive(m1, "m1")
     _checks.non_negative(m2, "m2")
-    if _checks._is_concrete(m2) and np.ndim(m2) == 0 and float(m2) >= math.pi:
+    if _checks.is_concrete(m2) and np.ndim(m2) == 0 and float(m2) >= math.pi:
         raise ValueError(f"m2 must be in [0, π) radians, got {m2}")
     _checks.non_negative(m3, "m3")
     _checks.positive(scale, "scale")
 
 
-def _combined_target(cos_y: jax.Array, m1, m2, m3, boundary: str) -> jax.Array:
-    """cos(m1·θ + m2) − m3 for the target cosines [B], with the chosen boundary rule."""
+def combined_margin_target(cos_y: jax.Array, m1, m2, m3, boundary: str) -> jax.Array:
+    """The penalized target cosine cos(m1·θ + m2) − m3 of insightface's combined margin (Deng
+    et al. 2019, Eq. 4), for target cosines ``cos_y`` = cos θ [B] (any float dtype).
+
+    ``boundary`` (``"monotonic"``, ``"easy"`` or ``"none"``) decides the value where m1·θ + m2
+    exceeds π; see :func:`combined_margin_loss`. m1 = 1, m2 = 0 gives cos θ − m3 exactly
+    (CosFace); otherwise the angle never goes through arccos on the gradient path (see the
+    module docstring), so the derivative is finite at cos θ = ±1. No argument checks
+    (:func:`check_margins` does them). Used by the margin losses here and by the class-sharded
+    heads of :mod:`mlx_jax.partial_fc`, so both apply the very same margin.
+
+    Returns:
+      [B] penalized cosines, before the scale s.
+    """
     if _is_exactly(m1, 1.0) and _is_exactly(m2, 0.0):
         return cos_y - m3  # no angular margin: CosFace, exact and without any clipping
     c = jnp.clip(cos_y, -1.0, 1.0)
@@ -298,17 +314,19 @@ def combined_margin_loss(
       class_block_size: None (default) computes the [B, C] cosines at once; an int visits the
         classes in blocks of that many (:mod:`mlx_jax.losses.class_blocks`): memory
         O(B·class_block_size) instead of O(B·C), same value and gradients (reverse mode).
-        Worth it when the [B, C] logits strain memory; on XLA:CPU it is no faster (BENCHMARKS.md).
+        It trades one extra matmul per block in the backward pass for the memory; worth it
+        when the [B, C] logits strain memory (timings in BENCHMARKS.md).
 
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
     """
-    _check_margins(m1, m2, m3, scale, boundary, reduction)
+    check_margins(m1, m2, m3, scale, boundary)
+    reductions.check_reduction(reduction)
     class_block_size = check_block_size(class_block_size, "class_block_size")
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
 
     def penalize(cos_y):
-        return _combined_target(cos_y, m1, m2, m3, boundary)
+        return combined_margin_target(cos_y, m1, m2, m3, boundary)
 
     return _margin_head_loss(x, y, w, penalize, scale, sample_w, reduction, class_block_size)
 
@@ -486,7 +504,7 @@ def sphereface_loss(
     """
     m = _integer_margin(margin)
     _checks.non_negative(annealing_lambda, "annealing_lambda")
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    reductions.check_reduction(reduction)
     if scale is not None:
         _checks.positive(scale, "scale")
     class_block_size = check_block_size(class_block_size, "class_block_size")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
@@ -18,7 +16,7 @@ def siamese_cosine_loss(
     *,
     positive_target: float = 1.0,
     negative_target: float = -0.9,
-    balance: Literal["pairs", "pos_neg"] = "pairs",
+    balance: reductions.Balance = "pairs",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
 ) -> jax.Array:

@@ -49,7 +49,7 @@ def weighted_cross_entropy(
 ) -> jax.Array:
     """Cross-entropy of checked ``logits`` [B, C] (compute dtype) and ``labels`` [B],
     weighted per sample and reduced with :func:`mlx_jax.reductions.reduce_weighted`."""
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    reductions.check_reduction(reduction)
     w = _checks.sample_weights(weights, logits.shape[0], logits.dtype)
     return reductions.reduce_weighted(cross_entropy_terms(logits, labels), w, reduction)
 
