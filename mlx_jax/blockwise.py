@@ -18,9 +18,12 @@ A per-row function can mark small results of the forward pass with :func:`keep_f
 (e.g. batch-hard's mined indices, [R] ints): the backward pass then reuses them instead of
 recomputing the block's distances.
 
-``block_size="auto"`` (:func:`resolve_block_size`) picks between the two from the batch size: on
-XLA:CPU, blocks of 2^18 / B rows once B > 2048 (measured in :func:`auto_block_size`); on
-GPU/TPU it stays dense.
+``block_size="auto"`` — the default of every loss that takes ``block_size`` (triplet,
+contrastive, circle, standalone center) — picks between the two from the batch size
+(:func:`resolve_block_size`, :func:`auto_block_size`): dense up to B = 2048, and on XLA:CPU
+blocks of about 2^18 / B rows above; on GPU/TPU it stays dense. The value and the gradients are
+the same either way (up to float rounding), so "auto" only decides the memory: a user who wants
+the [B, B] form at any size passes ``block_size=None``.
 
 When B is not a multiple of ``block_size`` the rows are padded with zero rows to the next
 multiple; the caller gives padding rows zero weight (the row arguments are zero-padded, so a
@@ -47,7 +50,7 @@ AUTO = "auto"
 BlockSize = int | Literal["auto"] | None
 
 # "auto" on CPU: dense up to B = 2048, above it blocks of ~2^18 / B rows (a 1 MiB float32
-# [rows, B] plane). Measured in auto_block_size's docstring.
+# [rows, B] plane); see auto_block_size.
 _AUTO_DENSE_BATCH = 2048
 _AUTO_BLOCK_ENTRIES = 1 << 18
 _AUTO_MIN_ROWS = 16
@@ -82,17 +85,11 @@ def auto_block_size(batch: int, backend: str | None = None) -> int | None:
     power of two nearest to 2^18 / B rows (a 1 MiB float32 [rows, B] plane; at least 16).
     On GPU/TPU the dense form is one fused kernel and blocks would serialise it: always dense.
 
-    Why (``python -m benchmarks.losses --losses triplet_batch_hard triplet_semihard_band
-    --block-size auto|dense``, 2-core AMD EPYC, 2026-12-02; BENCHMARKS.md, "Row blocks"): above
-    B = 2048 the dense form's temporaries get large — at B = 4096 148 MiB for batch-hard and
-    1.25 GiB for the semi-hard band, against 14 and 36 MiB in blocks of 64 rows. Speed depends
-    on glibc's malloc. With its defaults (a library user's process) every dense call faults its
-    temporaries in afresh and blocks were faster at D = 128: batch-hard 51 vs 122 ms, band 357
-    vs 603 ms at B = 4096 (and 13 vs 34, 99 vs 156 ms at B = 2048). With freed memory kept
-    mapped (``experiments/allocator.py``, the benchmarks' and experiments' setting) dense was
-    faster up to B = 2048 (band 54 vs 105 ms) and at B = 4096 blocks won the band at D = 128
-    (445 vs 555 ms) but lost batch-hard (70 vs 55 ms) and D = 512 (175 vs 114, 948 vs 618 ms):
-    pass ``block_size=None`` for the dense form where memory is no concern.
+    Why: the dense form's temporaries grow as B² — a few [B, B] float32 matrices for
+    batch-hard, and [B, max_positives + 1, B] comparisons for the semi-hard band — i.e. hundreds
+    of MiB to GiB past B = 2048, while a row block keeps them at [rows, B]. Up to B = 2048 the
+    dense matrices are small and XLA fuses the whole loss. Timings of both forms on CPU, which
+    depend on the allocator and on D: BENCHMARKS.md, "Row blocks".
     """
     if (backend or jax.default_backend()) != "cpu" or batch <= _AUTO_DENSE_BATCH:
         return None

@@ -157,22 +157,6 @@ def standalone(x, y, centers, weight_intra=1.0, weight_inter=0.1, eps=1e-12, wei
     return weight_intra * intra + weight_inter * inter / m
 
 
-def standalone_v2(x, y, centers, weight_intra=1.0, weight_inter=0.1, scale=0.1, eps=1e-12):
-    """Seed 001 variant: Σ exp(α‖x_i − c_{y_i}‖²)/m − Σ_{i≠j} log‖c_i − c_j‖²/n_c."""
-    m, nc = len(y), len(centers)
-    intra = sum(math.exp(scale * sq_euclidean(x[i], centers[y[i]])) for i in range(m)) / m
-    inter = (
-        -sum(
-            math.log(sq_euclidean(centers[i], centers[j]) + eps)
-            for i in range(nc)
-            for j in range(nc)
-            if i != j
-        )
-        / nc
-    )
-    return weight_intra * intra + weight_inter * inter
-
-
 def triplet_center(x, y, centers, margin, squared=True, reduction="mean") -> float:
     """He et al. 2018: max(D(x_i, c_{y_i}) + m − min_{j≠y_i} D(x_i, c_j), 0)."""
 

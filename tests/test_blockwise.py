@@ -4,6 +4,7 @@ O(B·block) memory in the backward pass; the sort-free triplet path equals the s
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -203,17 +204,28 @@ def test_auto_block_size_is_dense_up_to_2048_then_1_mib_row_blocks():
     assert blockwise.auto_block_size(1 << 16, backend="tpu") is None
 
 
-def test_triplet_default_is_auto():
-    # On CPU a large batch's default triplet step holds [block, B] arrays, not [B, B] ones.
+@pytest.mark.parametrize(
+    "name", ["triplet_batch_hard", "contrastive", "circle", "standalone_center"]
+)
+def test_default_block_size_is_auto(name):
+    # Every loss with block_size defaults to "auto" (one default for one concept)...
+    loss = {
+        "triplet_batch_hard": triplet_loss,
+        "contrastive": contrastive_loss,
+        "circle": circle_loss,
+        "standalone_center": standalone_center_loss,
+    }[name]
+    assert inspect.signature(loss).parameters["block_size"].default == "auto"
+    # ... and on CPU a large batch's default step holds [block, B] arrays, not [B, B] ones.
     if jax.default_backend() != "cpu":
         pytest.skip("'auto' is dense off CPU")
     batch = 4096
     matrix = 4 * batch * batch
     x = jax.ShapeDtypeStruct((batch, 16), jnp.float32)
     y = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    step = jax.jit(jax.value_and_grad(lambda e, lab: triplet_loss(e, lab, mining="batch_hard")))
+    step = jax.jit(jax.value_and_grad(lambda e, lab: LOSSES[name](e, lab)))
     assert step.lower(x, y).compile().memory_analysis().temp_size_in_bytes < matrix / 4
-    assert _temp_bytes("triplet_batch_hard", batch, None) >= matrix
+    assert _temp_bytes(name, batch, None) >= matrix
 
 
 def test_misspelt_auto_lists_the_accepted_values():

@@ -1,6 +1,6 @@
 """Every loss of mlx_jax: pure functions of (embeddings, labels, explicit state) → scalar."""
 
-from mlx_jax.losses.center import center_loss, standalone_center_loss, standalone_center_loss_v2
+from mlx_jax.losses.center import center_loss, standalone_center_loss
 from mlx_jax.losses.circle import circle_loss
 from mlx_jax.losses.contrastive import contrastive_loss
 from mlx_jax.losses.margin_softmax import (
@@ -28,7 +28,6 @@ __all__ = [
     "sphereface_lambda",
     "sphereface_loss",
     "standalone_center_loss",
-    "standalone_center_loss_v2",
     "triplet_center_loss",
     "triplet_loss",
 ]

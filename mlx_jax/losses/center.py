@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 
 from mlx_jax import _checks, blockwise, reductions
-from mlx_jax.distances import squared_euclidean
 from mlx_jax.losses._common import Batch, Rows, map_anchor_rows, prepare_batch
 
 # Added inside log(‖x_i − x_j‖² + eps): keeps duplicate embeddings of different classes finite.
@@ -59,12 +58,6 @@ def center_loss(
     return reductions.reduce_weighted(losses, batch.weights, reduction)
 
 
-def _negative_log_pair_terms(points: jax.Array, different: jax.Array, eps: float) -> jax.Array:
-    """Σ_j I(i, j)·(−log(‖p_i − p_j‖² + eps)) per row i [N], for a [N, N] bool mask."""
-    log_distance = jnp.log(squared_euclidean(points) + eps)
-    return -jnp.sum(jnp.where(different, log_distance, 0.0), axis=1)
-
-
 def standalone_center_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -75,7 +68,7 @@ def standalone_center_loss(
     eps: float = LOG_EPS,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
-    block_size: blockwise.BlockSize = None,
+    block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
     """Standalone center loss (seed 001, "standalone-center-loss"; no softmax)::
 
@@ -98,19 +91,21 @@ def standalone_center_loss(
       weights: optional [B] (a pair's weight is its first sample's; 0 = excluded).
       reduction: ``"mean"`` (the seed's /m), ``"sum"`` or ``"none"`` ([B]). Not
         ``"mean_nonzero"``: the l_i can be negative, so "non-zero" has no meaning here.
-      block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
-        the inter term over blocks of ``block_size`` rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`), same value; ``"auto"``
-        chooses from B (:func:`mlx_jax.blockwise.auto_block_size`).
+      block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
+        anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
+        None: the inter term's [B, B] distance matrix at once; an int: blocks of that many
+        anchor rows with O(B·block_size) memory in the forward and backward pass
+        (:mod:`mlx_jax.blockwise`).
+        The same value and gradients in every form.
 
     Returns:
       scalar in the compute dtype (at least float32), [B] for ``reduction="none"``.
     """
-    if reduction == "mean_nonzero":
-        raise ValueError(
-            "reduction must be one of ['mean', 'sum', 'none'] for standalone_center_loss "
-            "(its per-sample terms can be negative), got 'mean_nonzero'"
-        )
+    reductions.check_reduction(
+        reduction,
+        ("mean", "sum", "none"),
+        "standalone_center_loss: its per-sample terms can be negative",
+    )
     batch, c = _batch_with_centers(embeddings, labels, centers, weights)
     _checks.positive(eps, "eps")
     intra = _squared_distance_to_own_center(batch, c)
@@ -123,49 +118,3 @@ def standalone_center_loss(
     inter = map_anchor_rows(per_rows, batch, block_size)
     losses = weight_intra * intra + weight_inter * inter
     return reductions.reduce_weighted(losses, batch.weights, reduction)
-
-
-def standalone_center_loss_v2(
-    embeddings: jax.Array,
-    labels: jax.Array,
-    centers: jax.Array,
-    *,
-    weight_intra: float = 1.0,
-    weight_inter: float = 0.1,
-    scale: float = 0.1,
-    eps: float = LOG_EPS,
-    weights: jax.Array | None = None,
-) -> jax.Array:
-    """Seed 001's second variant ("directly enlarge the class centers")::
-
-        L       = w_intra·L_intra + w_inter·L_inter
-        L_intra = Σ_{i=1..m} exp(α·‖x_i − c_{y_i}‖²) / m
-        L_inter = −Σ_{i=1..n_c} Σ_{j=1..n_c} I(i, j)·log(‖c_i − c_j‖² + eps) / n_c
-
-    with I(i, j) = 1 for i != j and n_c classes. L_inter depends on the centers only, so the
-    centers must be trained as parameters (differentiate w.r.t. ``centers``) for it to act.
-
-    Args:
-      embeddings: [B, D]. labels: [B] int in [0, C). centers: [C, D].
-      weight_intra, weight_inter: defaults 1.0 / 0.1 as seed 001's main loss (the seed gives
-        none for this variant).
-      scale: α, which the seed requires "for numerical stabilization" but gives no value for;
-        0.1 is our choice. exp(α·d²) overflows float32 at α·d² > 88: the loss is then +inf
-        (and training must stop), never silently clipped.
-      eps: added inside the log (see :func:`standalone_center_loss`).
-      weights: optional [B] per-sample weights of the intra mean (0 = excluded).
-
-    Returns:
-      float32 scalar.
-    """
-    batch, c = _batch_with_centers(embeddings, labels, centers, weights)
-    _checks.positive(eps, "eps")
-    # Excluded rows get distance 0 *before* the exp: an overflowing exp of a padded row
-    # would otherwise turn every gradient into NaN (0·inf in the backward pass).
-    squared = jnp.where(batch.valid, _squared_distance_to_own_center(batch, c), 0.0)
-    intra = jnp.exp(scale * squared)
-    intra = reductions.reduce_weighted(intra, batch.weights, "mean")
-    num_classes = c.shape[0]
-    off_diagonal = ~jnp.eye(num_classes, dtype=bool)
-    inter = jnp.sum(_negative_log_pair_terms(c, off_diagonal, eps)) / num_classes
-    return weight_intra * intra + weight_inter * inter

@@ -31,7 +31,7 @@ def circle_loss(
     gamma: float = 256.0,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
-    block_size: blockwise.BlockSize = None,
+    block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
     """Circle loss with class-level labels, each batch sample in turn the anchor.
 
@@ -63,10 +63,11 @@ def circle_loss(
       reduction: see :mod:`mlx_jax.reductions`, over anchors; pytorch-metric-learning's
         default (``AvgNonZeroReducer``) is ``"mean_nonzero"``. ``"none"`` returns the [B]
         per-anchor weighted losses (0 for anchors without a term).
-      block_size: None (default) builds the [B, B] similarity matrix at once; an int evaluates
-        the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`), same value; ``"auto"``
-        chooses from B (:func:`mlx_jax.blockwise.auto_block_size`).
+      block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
+        anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
+        None: the [B, B] similarity matrix at once; an int: blocks of that many anchor rows with
+        O(B·block_size) memory in the forward and backward pass (:mod:`mlx_jax.blockwise`).
+        The same value and gradients in every form.
 
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
@@ -74,7 +75,7 @@ def circle_loss(
     batch = prepare_batch(embeddings, labels, weights)
     _checks.non_negative(m, "m")
     _checks.positive(gamma, "gamma")
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    reductions.check_reduction(reduction)
     normalized = l2_normalize(batch.embeddings)
 
     def per_rows(rows: Rows):

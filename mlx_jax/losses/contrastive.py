@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
@@ -20,10 +18,10 @@ def contrastive_loss(
     squared: bool = True,
     pos_margin: float = 0.0,
     neg_margin: float | None = None,
-    balance: Literal["pairs", "pos_neg"] = "pairs",
+    balance: reductions.Balance = "pairs",
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
-    block_size: blockwise.BlockSize = None,
+    block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
     """Contrastive loss over every ordered pair (i, j), i != j, of the batch.
 
@@ -52,18 +50,19 @@ def contrastive_loss(
         unordered pair counts twice, as (i, j) and (j, i) (PML does the same), which
         ``"mean"`` cancels and ``"sum"`` does not.
         ``"none"`` returns the [B, B] matrix of weighted pair losses.
-      block_size: None (default) builds the [B, B] distance matrix at once; an int evaluates
-        the loss over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the
-        forward and backward pass (:mod:`mlx_jax.blockwise`), same value; ``"auto"``
-        chooses from B (:func:`mlx_jax.blockwise.auto_block_size`).
+      block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
+        anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
+        None: the [B, B] distance matrix at once; an int: blocks of that many anchor rows with
+        O(B·block_size) memory in the forward and backward pass (:mod:`mlx_jax.blockwise`).
+        The same value and gradients in every form.
 
     Returns:
       float32 scalar (or [B, B] for ``reduction="none"``).
     """
     batch = prepare_batch(embeddings, labels, weights)
     _checks.non_negative(margin, "margin")
-    _checks.choice(balance, "balance", ("pairs", "pos_neg"))
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    _checks.choice(balance, "balance", reductions.BALANCES)
+    reductions.check_reduction(reduction)
     if squared and (pos_margin != 0.0 or neg_margin is not None):
         raise ValueError(
             "pos_margin/neg_margin are PML's non-squared hinges: pass squared=False with them "

@@ -14,6 +14,8 @@ from mlx_jax.losses._common import Rows, map_anchor_rows, prepare_batch
 
 Mining = Literal["semihard", "batch_hard", "all", "semihard_band"]
 MINING: tuple[str, ...] = ("semihard", "batch_hard", "all", "semihard_band")
+# triplet_center_loss's default margin m (see its docstring for the source).
+TRIPLET_CENTER_MARGIN = 5.0
 # Default static bound on the positives per anchor for the sort-free path: covers batches
 # sampled with up to 8 samples per class (PK sampling, P×K with K <= 8); larger classes fall back
 # to the sort-based path, exact too.
@@ -95,20 +97,19 @@ def triplet_loss(
       max_positives: static bound on positives per anchor for the sort-free path (default 7:
         batches with up to 8 samples per class, our choice for PK sampling); larger classes
         or None → the sort-based path. Not used by ``"batch_hard"``.
-      block_size: None builds the [B, B] distance matrix at once; an int evaluates the loss
-        over blocks of ``block_size`` anchor rows with O(B·block_size) memory in the forward
-        and backward pass (:mod:`mlx_jax.blockwise`; times ``max_positives + 1`` for the
-        sort-free path), same value. ``"auto"`` (default): dense up to B = 2048, blocks of
-        2^18 / B rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`:
-        at B = 4096, 14 / 36 MiB of temporaries for batch-hard / the semi-hard band instead of
-        148 MiB / 1.25 GiB; 0.65-2.4× the dense speed depending on D and the allocator).
+      block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
+        anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
+        None: the [B, B] distance matrix at once; an int: blocks of that many anchor rows with
+        O(B·block_size) memory in the forward and backward pass (:mod:`mlx_jax.blockwise`;
+        times ``max_positives + 1`` for the sort-free path).
+        The same value and gradients in every form.
 
     Returns:
       float32 scalar (or the per-term array described above for ``reduction="none"``).
     """
     batch = prepare_batch(embeddings, labels, weights)
     _checks.choice(mining, "mining", MINING)
-    _checks.choice(reduction, "reduction", reductions.REDUCTIONS)
+    reductions.check_reduction(reduction)
     _checks.non_negative(margin, "margin")
     if semihard_fallback not in ("farthest", "drop"):
         raise ValueError(
@@ -184,8 +185,8 @@ def triplet_loss(
 def _first_extreme_index(values: jax.Array, extreme) -> tuple[jax.Array, jax.Array]:
     """Per row of ``values`` [R, B], the smallest column index holding ``extreme`` (jnp.max or
     jnp.min) of the row and that value; [R] int32 and [R]. Two float reductions (column ids as
-    float32, exact for B < 2²⁴): XLA:CPU runs jnp.argmax as a scalar loop, 4-7× slower at
-    B = 1024. A row holding NaN has value NaN and index 0."""
+    float32, exact for B < 2²⁴) instead of jnp.argmax, which XLA:CPU lowers to a scalar loop.
+    A row holding NaN has value NaN and index 0."""
     best = extreme(values, axis=1, keepdims=True)
     columns = jnp.arange(values.shape[1], dtype=jnp.float32)
     first = jnp.min(jnp.where(values == best, columns, jnp.inf), axis=1)
@@ -333,7 +334,7 @@ def triplet_center_loss(
     labels: jax.Array,
     centers: jax.Array,
     *,
-    margin: float,
+    margin: float = TRIPLET_CENTER_MARGIN,
     squared: bool = True,
     weights: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
@@ -354,7 +355,12 @@ def triplet_center_loss(
       embeddings: [B, D] float.
       labels: [B] int in [0, C).
       centers: [C, D] float, C >= 2.
-      margin: m, required (the paper tunes it per dataset; no universal default).
+      margin: m >= 0, in the units of D; default 5.0 — our choice, not a published value
+        (the experiments train with it): the paper tunes m per dataset, the authors' released
+        PyTorch code
+        (``cvpr_2018_TCL.pytorch``, ``TripletCenter40Loss``) defaults to 0, and
+        pytorch-metric-learning has no triplet-center loss. Scale it to the distances of
+        your embeddings.
       squared: ½‖·‖² (paper) or ‖·‖ (released code).
       weights: optional [B] per-sample weights.
       reduction: ``"mean"``, ``"sum"``, ``"mean_nonzero"`` or ``"none"`` ([B]).
