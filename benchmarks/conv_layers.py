@@ -1,4 +1,4 @@
-"""Where the LeNet++ step lost to PyTorch: each convolution's forward pass, input gradient and
+"""LeNet++'s convolutions one by one: each one's forward pass, input gradient and
 weight gradient, XLA's kernels and oneDNN's (through XLA's FFI, :mod:`experiments.onednn_conv`,
 where it can run) beside PyTorch, one process.
 

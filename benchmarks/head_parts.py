@@ -103,7 +103,7 @@ def whole_losses(loss: str, batch: int, dim: int, classes: int) -> dict[str, Cal
 
     spec = next(s for s in bench.SPECS if s.name == loss)
     problem = bench.make_problem("head", batch, dim, classes, per_class=4, seed=0)
-    step = bench.compile_step(bench._param_step(spec.head_loss), bench._device_args(spec, problem))
+    step = bench.compile_step(bench.param_step(spec.head_loss), bench.device_args(spec, problem))
     sides = {"ours": step.run}
     pml, _ = bench.load_pml()
     if pml is not None:

@@ -20,8 +20,8 @@ What one timed call is
   ``x @ centers.T`` for the center losses. A fused fwd+bwd needs at least two such matmuls
   for the pair losses (x·xᵀ and G·x) and three for the class heads (x·W, G·Wᵀ and xᵀ·G), so
   ``ours/floor`` ≈ 2 (pairs) or ≈ 3 (heads) is the matmul bound.
-  ``--block-size dense|auto|N`` passes ``block_size`` to the pair losses (default: each loss's
-  own default — ``"auto"`` for the triplet losses, dense for contrastive and circle).
+  ``--block-size dense|auto|N`` passes ``block_size`` to the pair losses (default: the losses'
+  own default, ``"auto"``: :func:`mlx_jax.blockwise.auto_block_size`).
   ``--class-block-size N`` times the class heads with ``class_block_size=N``
   (:mod:`mlx_jax.losses.class_blocks`: no [B, C] array, one more matmul to recompute each
   block's cosines in the backward pass, so ≈ 4).
@@ -31,14 +31,12 @@ What one timed call is
 Times are medians over ``--repeats`` calls per side after ``--warmup`` untimed calls. The sides
 (ours, floor, PML) run in alternating **blocks** of ``--block`` calls with a ``--pause`` of sleep
 after each block — not call by call: torch's OpenMP threads keep spinning for a while after each
-call and steal the cores from XLA's threads (measured on the 2-core dev machine: call-by-call
-interleaving made a JAX loss look 10× slower than it is). The first call after a pause wakes
-the library's sleeping threads and is slower for both libraries (measured: ~0.45 vs 0.07 ms for
-a small JAX loss, 2-5 vs 0.9 ms for a small PML loss), so ``--settle`` untimed calls (default 1)
-open every block. The JSON keeps every timed call; a side whose calls spread more than 3×
-(p90/p10) is marked † — on a loaded machine torch alone, without JAX in the process, ran whole
-blocks at ~120 ms instead of ~1 ms (2 OpenMP threads waiting for scheduler ticks), so run the
-benchmark on an otherwise idle machine. Compile time (trace + lower + compile of the jitted
+call and would steal the cores from XLA's threads. The first call after a pause wakes the
+library's sleeping threads and is slower for both libraries, so ``--settle`` untimed calls
+(default 1) open every block. The JSON keeps every timed call; a side whose calls spread more
+than 3× (p90/p10) is marked †: on a loaded machine torch's OpenMP threads wait for scheduler
+ticks and whole blocks of calls slow down, so run the benchmark on an otherwise idle machine.
+Compile time (trace + lower + compile of the jitted
 step) is reported separately.
 
 Allocator
@@ -47,8 +45,8 @@ Like the experiments driver, the benchmark first asks glibc to reuse freed memor
 (:mod:`experiments.allocator`; ``--default-malloc`` keeps glibc's defaults), process-wide, so
 both libraries run under it. Without it glibc unmaps large freed buffers and the next call
 faults them in again, and how often depends on glibc's adaptive mmap threshold, i.e. on what
-ran earlier in the process: PML's CosFace at B=1024, D=128, C=10,000 measured 187 ms in one
-run and 77 ms in another (2.4× in a one-thread check, 685 vs 285 ms, default vs fixed malloc).
+ran earlier in the process, so the same configuration's time would depend on the configurations
+run before it (see BENCHMARKS.md).
 
 Threads
 -------
@@ -116,8 +114,7 @@ DEFAULT_DIMS = (128, 512)
 DEFAULT_CLASSES = (10_000,)
 MIB = 1 << 20
 # A side whose p90/p10 call time exceeds this is marked † in the table: on a loaded machine
-# torch's timings turn bimodal (blocks of ~1 ms calls and blocks of 60-300 ms calls were seen on
-# the busy 2-core dev machine, with torch alone in the process).
+# torch's timings turn bimodal (fast blocks and blocks many times slower).
 NOISY_SPREAD = 3.0
 NOISY_NOTE = (
     "† the timed calls of that side spread more than 3× (p90/p10): the machine was probably "
@@ -134,7 +131,6 @@ ARCFACE_MARGIN_RAD, ARCFACE_SCALE = 0.5, 64.0
 COSFACE_MARGIN, COSFACE_SCALE = 0.35, 64.0
 SPHEREFACE_MARGIN = 4
 CENTER_ALPHA = 0.5
-TRIPLET_CENTER_MARGIN = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +189,7 @@ def make_problem(
 # --------------------------------------------------------------------------------------------
 # Our side: jitted steps
 
-BlockSizeArg = int | str | None  # --block-size: None (each loss's default), "dense", "auto", N
+BlockSizeArg = int | str | None  # --block-size: None (the losses' default), "dense", "auto", N
 
 
 def _block_size_arg(text: str) -> int | str:
@@ -209,7 +205,7 @@ def _block_size_arg(text: str) -> int | str:
 
 
 def block_size_options(block_size: BlockSizeArg) -> dict[str, Any]:
-    """The ``block_size`` keyword for a pair loss: none (the loss's default) for None,
+    """The ``block_size`` keyword for a pair loss: none (the losses' default, ``"auto"``) for None,
     ``block_size=None`` (dense) for ``"dense"``, else the value as given."""
     if block_size is None:
         return {}
@@ -226,7 +222,7 @@ def _pair_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
     return step
 
 
-def _param_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
+def param_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
     """Loss and gradients w.r.t. (embeddings, W or centers)."""
 
     def step(x: jax.Array, params: jax.Array, labels: jax.Array):
@@ -374,7 +370,7 @@ class LossSpec:
         if self.pair_loss is not None:
             return _pair_step(functools.partial(self.pair_loss, **block_size_options(block_size)))
         if self.head_loss is not None:
-            return _param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
+            return param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
         assert self.step is not None, f"{self.name}: give step, pair_loss or head_loss"
         return self.step
 
@@ -523,15 +519,13 @@ SPECS: tuple[LossSpec, ...] = (
         name="standalone_center",
         kind="center",
         ours="standalone_center_loss(), grads w.r.t. x and centers",
-        step=_param_step(lambda x, y, c: L.standalone_center_loss(x, y, c)),
+        step=param_step(lambda x, y, c: L.standalone_center_loss(x, y, c)),
     ),
     LossSpec(
         name="triplet_center",
         kind="center",
-        ours=f"triplet_center_loss(margin={TRIPLET_CENTER_MARGIN}), grads w.r.t. x and centers",
-        step=_param_step(
-            lambda x, y, c: L.triplet_center_loss(x, y, c, margin=TRIPLET_CENTER_MARGIN)
-        ),
+        ours="triplet_center_loss() (default margin), grads w.r.t. x and centers",
+        step=param_step(lambda x, y, c: L.triplet_center_loss(x, y, c)),
     ),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
@@ -542,7 +536,7 @@ SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 # --------------------------------------------------------------------------------------------
 
 
-def _device_args(spec: LossSpec, problem: Problem) -> tuple[jax.Array, ...]:
+def device_args(spec: LossSpec, problem: Problem) -> tuple[jax.Array, ...]:
     x = jnp.asarray(problem.x)
     labels = jnp.asarray(problem.labels)
     if spec.kind == "pair":
@@ -695,8 +689,8 @@ def bench_one(
     row = Row(spec.name, batch, dim, classes, spec.floor)
     problem = make_problem(spec.kind, batch, dim, classes, args.per_class, args.seed)
     limit = args.max_gb * GIB
-    device_args = _device_args(spec, problem)
-    ours = compile_step(spec.step_for(args.class_block_size, args.block_size), device_args)
+    arrays = device_args(spec, problem)
+    ours = compile_step(spec.step_for(args.class_block_size, args.block_size), arrays)
     row.ours_compile_s = ours.compile_s
     row.ours_xla_memory = ours.memory
     row.ours_xla_bytes = ours.work_bytes if ours.memory else None
@@ -706,7 +700,7 @@ def bench_one(
     else:
         sides["ours"] = ours.run
         row.ours_loss = float(ours.run()[0])
-    floor_args = device_args[:1] if spec.kind == "pair" else device_args[:2]
+    floor_args = arrays[:1] if spec.kind == "pair" else arrays[:2]
     floor = compile_step(_floor_fn(spec.kind), floor_args)
     if floor.needed_bytes <= limit:
         sides["floor"] = floor.run
@@ -790,7 +784,7 @@ def rss_worker() -> None:
         out: dict[str, Any] = {"index": config["index"]}
         if config["ours"]:
             step = spec.step_for(job["class_block_size"], job["block_size"])
-            ours = compile_step(step, _device_args(spec, problem))
+            ours = compile_step(step, device_args(spec, problem))
             ours.run()
             out["ours"] = _peak_rss_delta(ours.run)
             del ours
@@ -924,7 +918,7 @@ def metadata(
         "seed": args.seed,
         "malloc_tuned": getattr(args, "malloc_tuned", False),
         "class_block_size": args.class_block_size,
-        "block_size": args.block_size or "each loss's default",
+        "block_size": args.block_size or "the losses' default ('auto')",
         "losses": {
             s.name: {"ours": s.ours, "pml": s.pml, "floor": s.floor}
             for s in SPECS
@@ -1027,7 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=list(DEFAULT_CLASSES),
         help="numbers of classes C for class heads (W is [D, C]) and center losses (centers "
-        "[C, D]); pair losses ignore it. The issue's floor comparison uses 100000.",
+        "[C, D]); pair losses ignore it",
     )
     p.add_argument(
         "--class-block-size",
@@ -1041,8 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_block_size_arg,
         default=None,
         help="pair losses: block_size to pass ('dense' = None, 'auto', or rows per block; "
-        "mlx_jax.blockwise); default: each loss's own default ('auto' for the triplets, "
-        "dense for contrastive and circle)",
+        "mlx_jax.blockwise); default: the losses' own default ('auto')",
     )
     p.add_argument(
         "--per-class",
@@ -1099,8 +1092,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-malloc",
         action="store_true",
         help="keep glibc's malloc defaults (default: experiments/allocator.py's setting, so "
-        "that large freed buffers are reused instead of unmapped and faulted in again; "
-        "without it PML's class heads ran 2.4x slower or not, depending on what ran before)",
+        "that large freed buffers are reused instead of unmapped and faulted in again, "
+        "whose cost depends on what ran before in the process)",
     )
     p.add_argument(
         "--out",

@@ -15,8 +15,8 @@ What one timed step is
   compile time is reported), the train state is donated as in the driver, and each call waits
   for the step's stats (``jax.block_until_ready``).
 * **nnx pool** (``--nnx-pool``): the same step with ``nnx.max_pool`` instead of
-  :func:`experiments.models.max_pool_2x2` (what the step was before it), for a before/after in
-  one run.
+  :func:`experiments.models.max_pool_2x2`, to compare the two pooling implementations in one
+  run.
 * **PyTorch**: the same network in ``torch.nn`` (NCHW), same parameter count (printed for both
   sides), same initial PReLU slope, same optimizer (``clip_grad_norm_`` 5, ``torch.optim.SGD``
   with momentum 0.9, Nesterov, weight decay 5e-4), same loss: cross-entropy of a linear

@@ -92,12 +92,9 @@ def _triplet(model, f, y, step, cfg):
     return {"triplet": L.triplet_loss(f, y, mining=cfg.mining, **_kw(margin=cfg.margin))}
 
 
-TRIPLET_CENTER_MARGIN = 5.0  # our choice: the paper tunes m per dataset
-
-
 def _triplet_center(model, f, y, step, cfg):
-    margin = TRIPLET_CENTER_MARGIN if cfg.margin is None else cfg.margin
-    return {"triplet_center": L.triplet_center_loss(f, y, model.centers(), margin=margin)}
+    loss = L.triplet_center_loss(f, y, model.centers(), **_kw(margin=cfg.margin))
+    return {"triplet_center": loss}
 
 
 def _circle(model, f, y, step, cfg):
