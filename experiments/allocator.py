@@ -4,8 +4,7 @@ Every call of a compiled XLA:CPU program allocates its temporaries as one block 
 the LeNet++ step at batch 128) and frees it at the end. XLA runs the program on its own
 worker threads, whose glibc malloc arenas cannot hold a block over 64 MB, so glibc maps it
 with ``mmap`` and unmaps it after every step: the next step faults 32,800 fresh zeroed pages
-back in. Measured on the 2-core dev machine (1 thread): 380 → 328 ms per LeNet++ step, the
-~50 ms of kernel time per step gone.
+back in (the cost, per step, is in docs/notes.md).
 
 :func:`reuse_freed_memory` asks glibc (``mallopt``) to serve every thread from the main arena,
 to take large blocks from the heap rather than ``mmap``, and not to give freed heap memory back

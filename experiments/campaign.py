@@ -7,14 +7,14 @@
 Every row runs the driver with its defaults plus the flags given here, in its own process
 (``--jobs`` at a time, output in the row's log.txt), into ``OUT/DATASET-LOSS-featDIM``. A
 finished row (summary.json present) is skipped and an unfinished one resumes from its
-checkpoint, so a campaign can span sessions; a row killed by a signal (XLA's abort of a stuck
-collective, the OOM killer) restarts from its checkpoint up to ``--retries`` times;
-``--stop-after-minutes`` is a
-time box (rows stop after their last epoch that fits; unfinished ones are listed with the
-checkpoint to carry to another machine). OUT/table.md gets one line per row with the command
-that reproduces it: closed-set metrics, or with ``--open-set K`` the held-out-class metrics of
-``experiments/open_set.py``; a row stopped short shows its last epoch, marked "K of N,
-unfinished". ``python -m experiments.seed001`` is this runner on seed 001's rows.
+checkpoint, so a campaign can be stopped and continued; a row killed by a signal (XLA's abort
+of a stuck collective, the OOM killer) restarts from its checkpoint up to ``--retries`` times;
+``--stop-after-minutes`` is a time box (rows stop after their last epoch that fits; unfinished
+ones are listed with the checkpoint to carry to another machine). OUT/table.md gets one line
+per row with the command that reproduces it: closed-set metrics, or with ``--open-set K`` the
+held-out-class metrics of ``experiments/open_set.py``; a row stopped short shows its last
+epoch, marked "K of N, unfinished". ``python -m experiments.seed001`` is this runner on seed
+001's rows.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def run_rows(
     rows per hour than two-core runs in turn.
 
     A row whose process is killed by a signal — XLA:CPU aborting a collective stuck past its
-    timeout (SIGABRT; seen here once in a 2-device run, BENCHMARKS.md), the kernel's OOM killer
+    timeout (SIGABRT; docs/notes.md), the kernel's OOM killer
     (SIGKILL), a crash — starts again from its newest checkpoint, up to ``retries`` times; the
     resumed row ends as an uninterrupted one would (the driver's resume is exact). An error
     the driver reports itself (bad flags, divergence, missing data: exit code > 0) and a stop
@@ -148,9 +148,10 @@ def run_rows(
             if code == 0:
                 continue
             log_path = run_dir(out, row) / "log.txt"
-            crash = code < 0 and -code not in STOP_SIGNALS
+            signum = _stopping_signal(code)
+            crash = signum is not None and signum not in STOP_SIGNALS
             # real-time signals (34+) have no Signals member: named by number
-            how = f"killed by SIG{_signal_name(-code)}" if code < 0 else f"exit {code}"
+            how = f"killed by SIG{_signal_name(signum)}" if signum else f"exit {code}"
             if crash and retried.get(row, 0) < retries:
                 retried[row] = retried.get(row, 0) + 1
                 print(
@@ -165,6 +166,17 @@ def run_rows(
     if failed:
         raise RuntimeError("campaign rows failed: " + "; ".join(failed))
     _report_unfinished(out, rows)
+
+
+def _stopping_signal(code: int) -> int | None:
+    """The signal that ended a row's process, from its exit code: -N when it died of signal
+    N, 128 + N when the CLI caught Ctrl-C or SIGTERM and exited (experiments/cli.py); else
+    None (the driver reported an error itself, exit codes 1-4)."""
+    if code < 0:
+        return -code
+    if code - 128 in (signal.SIGINT, signal.SIGTERM):
+        return code - 128
+    return None
 
 
 def _signal_name(number: int) -> str:
@@ -201,7 +213,7 @@ def _epoch_minutes(out: pathlib.Path, row: Row) -> list[float]:
 
 def unfinished(out: pathlib.Path, row: Row) -> tuple[dict, int, float] | None:
     """(last recorded epoch's metrics, epochs planned, minutes so far) of a row that has
-    recorded epochs but no summary (stopped by a time box or a lost session), else None.
+    recorded epochs but no summary (stopped by a time box or a killed process), else None.
     Why: a row cut off one epoch short still measured something worth reporting, marked so."""
     directory = run_dir(out, row)
     epochs = recorded_epochs(out, row)

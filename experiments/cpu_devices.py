@@ -1,28 +1,24 @@
 """One JAX CPU device per core, so a data-parallel step keeps every core busy.
 
 XLA:CPU runs the LeNet++ step's small convolutions (batch 128, 28×28 and smaller) on its
-thread pool but does not split them finely enough across threads: on the 2-core dev machine
-the step used 1.37 cores on average (BENCHMARKS.md, train step). Split into one virtual CPU
-device per core, the driver's data-parallel step (``--devices``, :mod:`mlx_jax.parallel`) runs
-each device's half-batch concurrently, and the loss still sees the global batch — the same
-result up to float rounding (tested in ``tests/multidevice``).
+thread pool but does not split them finely enough to fill every core. Split into one virtual
+CPU device per core, the driver's data-parallel step (``--devices``, :mod:`mlx_jax.parallel`)
+runs each device's share of the batch concurrently, and the loss still sees the global batch —
+the same result up to float rounding (tested in ``tests/multidevice``).
 
 :func:`use_one_device_per_core` sets ``jax_num_cpu_devices`` to the number of CPUs this process
 may run on. It must run before JAX creates its CPU backend; it leaves an explicit choice alone
 (``JAX_NUM_CPU_DEVICES`` or ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``), and
-``MLX_JAX_ONE_CPU_DEVICE=1`` opts out.
+``MLX_JAX_ONE_CPU_DEVICE=1`` opts out. :mod:`experiments.tuning` calls it for the CLI.
 
 Devices on one CPU share its cores, so a device that the OS starves (another job, a loaded
-host) reaches a collective late. XLA:CPU aborts the whole process (SIGABRT, no Python
-exception, work since the last checkpoint lost) when a collective waits 40 s past its 20 s
-"stuck" warning; measured here: a campaign row beside two other jobs died that way in its
-all-gather. :func:`tolerate_slow_collectives` raises that limit to ten minutes: a slow device
-is late by seconds (a LeNet++ step takes well under one), while a hung one never arrives —
-seen here once, in epoch 15 of a 2-device run, one device waiting in the all-gather while the
-other waited on a semaphore in XLA's executable launch (BENCHMARKS.md). After the abort,
-``python -m experiments.campaign`` restarts the row from its newest checkpoint (``--retries``);
-a lone driver run continues with ``--resume``. A process stopped (SIGSTOP) for longer than the
-limit in a collective aborts too when continued.
+host) reaches a collective late, and XLA:CPU aborts the whole process (SIGABRT, no Python
+exception) when a collective waits 40 s past its 20 s "stuck" warning.
+:func:`tolerate_slow_collectives` raises that limit to ten minutes: a slow device is late by
+seconds (a LeNet++ step takes well under one), while a hung one never arrives. After such an
+abort, ``python -m experiments.campaign`` restarts the row from its newest checkpoint
+(``--retries``); a lone run continues with ``--resume``. A process stopped (SIGSTOP) for longer
+than the limit in a collective aborts too when continued. History: docs/notes.md.
 """
 
 from __future__ import annotations

@@ -16,23 +16,8 @@ from collections.abc import Callable
 import jax
 
 from mlx_jax import losses as L
-from mlx_jax.losses.center import LOG_EPS
 
 Terms = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Loss hyperparameters from the command line; ``None`` means the loss's own default."""
-
-    weight_cent: float = 1.0  # seed 001 (λ of Wen et al.'s joint supervision)
-    alpha: float = 0.5  # Wen et al. 2016 (center learning rate)
-    weight_intra: float = 1.0  # seed 001
-    weight_inter: float = 0.1  # seed 001
-    inter_eps: float = LOG_EPS  # ε of the inter term's log(d² + ε); pytorch-center-loss's floor
-    margin: float | None = None
-    scale: float | None = None
-    mining: str = "semihard"
 
 
 def _kw(**pairs) -> dict:

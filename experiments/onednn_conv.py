@@ -1,10 +1,9 @@
-"""LeNet++'s convolutions on oneDNN, for the experiments' models on XLA:CPU (issue 4, item 5).
+"""LeNet++'s convolutions on oneDNN, for the experiments' models on XLA:CPU.
 
-Why: on the 2-core dev CPU (AVX2) XLA:CPU's convolution kernels take 1.4–1.6× oneDNN's time
-over LeNet++'s six layers (forward, input and weight gradients at batch 64, one core; up to 1.8×
-on the 7×7 layers), and oneDNN is what PyTorch runs — the gap that kept our train step behind
-PyTorch's (BENCHMARKS.md, "Speed — LeNet++ train step"). Called through XLA's FFI, oneDNN's
-kernels run inside the jitted step, with no host round-trip.
+Why: XLA:CPU's convolution kernels are slower than oneDNN's (what PyTorch runs) on LeNet++'s
+small layers, the gap that kept our train step behind PyTorch's (BENCHMARKS.md, train step;
+per-layer numbers in docs/notes.md). Called through XLA's FFI, oneDNN's kernels run inside the
+jitted step, with no host round-trip.
 
 How: ``onednn_conv.cc`` (next to this file) defines three XLA FFI handlers — forward, input
 gradient (backward data), weight gradient (backward weights) — for a stride-1 convolution with
@@ -19,8 +18,7 @@ the source, the jaxlib version and oneDNN's location.
 :func:`conv_general_dilated` is a drop-in for :func:`jax.lax.conv_general_dilated` (Flax's
 ``nnx.Conv(..., conv_general_dilated=...)``): it sends the convolutions oneDNN handles here to
 it and everything else (strides, dilation, groups, other dtypes or layouts, one input channel —
-LeNet++'s first layer, where neither won clearly: XLA's weight gradient 5.4 vs 8.4 ms in one
-run, 11.7 vs 10.3 ms in another — or a non-CPU backend) to XLA.
+LeNet++'s first layer, where neither kernel won clearly — or a non-CPU backend) to XLA.
 Each call runs oneDNN on ``threads`` OpenMP threads — the driver passes cores // devices of its
 data-parallel step (one per device with its one-device-per-core split), so devices do not fight
 over the cores.
@@ -43,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlx_jax.losses._common import match_varying_axes
+from mlx_jax.parallel import match_varying_axes
 
 __all__ = [
     "OneDNNUnavailable",

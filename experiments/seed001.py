@@ -5,7 +5,7 @@
 Runs each row with the driver's defaults (seed 001's lr 0.01, batch 128, weight_cent 1.0,
 weight_intra 1.0, weight_inter 0.1), one after another, through
 :func:`experiments.campaign.run_rows`: a finished row (summary.json present) is skipped and an
-unfinished one resumes from its checkpoint, so a campaign can span sessions;
+unfinished one resumes from its checkpoint, so a campaign can be stopped and continued;
 ``--stop-after-minutes`` time-boxes it (rows stop cleanly after an epoch). Writes OUT/table.md
 with the seed's accuracy beside ours.
 """

@@ -80,6 +80,7 @@ except ImportError as error:  # the losses need none of this: it is the experime
 from mlx_jax._checks import choice
 
 __all__ = [
+    "CLASS_NAMES",
     "DATASETS",
     "Dataset",
     "DatasetUnavailableError",
@@ -236,6 +237,8 @@ _SPECS = {
         "https://www.cs.toronto.edu/~kriz/cifar.html",
     ),
 }
+# Class names by dataset, in label order (label i is the i-th name).
+CLASS_NAMES = {name: spec.class_names for name, spec in _SPECS.items()}
 
 
 # --------------------------------------------------------------------------------------------

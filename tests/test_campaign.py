@@ -246,7 +246,7 @@ def test_bad_grid_flags_are_refused_by_name_on_the_command_line(tmp_path, module
 
 
 def test_tables_report_a_cut_off_row_by_its_last_epoch_marked_unfinished(tmp_path):
-    """A row stopped short (time box, lost session) still shows what it measured, marked."""
+    """A row stopped short (time box, killed process) still shows what it measured, marked."""
     row = ("fashion_mnist", 2, "standalone")
     _write_epochs(tmp_path, row, [8.0, 7.0])
     directory = campaign.run_dir(tmp_path, row)

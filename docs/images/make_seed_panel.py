@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import matplotlib
 
@@ -21,6 +22,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from PIL import Image  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
+from experiments.config import Config, LossConfig  # noqa: E402
+from mlx_jax.data import CLASS_NAMES  # noqa: E402
+
 RESULTS = ROOT / "experiments" / "results"
 OUT = pathlib.Path(__file__).resolve().parent / "seed001_features.png"
 
@@ -37,22 +42,9 @@ RUNS = {
         "standalone": "seed001-20ep-clip10-eps1-shift1/fashion_mnist-standalone-feat2",
     },
 }
-CLASSES = {  # as in mlx_jax.data; the plots colour label i with tab10's i-th colour
-    "MNIST": [str(i) for i in range(10)],
-    "Fashion-MNIST": [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ],
-}
-DEFAULT_CLIP, DEFAULT_EPS = 5.0, 1e-12
+# the plots colour label i with tab10's i-th colour
+CLASSES = {"MNIST": CLASS_NAMES["mnist"], "Fashion-MNIST": CLASS_NAMES["fashion_mnist"]}
+DEFAULT_CLIP, DEFAULT_EPS = Config.clip_norm, LossConfig.inter_eps
 
 
 def recipe(config: dict) -> str:

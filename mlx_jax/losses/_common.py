@@ -10,9 +10,6 @@ import jax.numpy as jnp
 
 from mlx_jax import _checks, blockwise, distances, mining, reductions
 
-# Its home is mlx_jax.parallel; kept importable from here for experiments/onednn_conv.py.
-from mlx_jax.parallel import match_varying_axes as match_varying_axes
-
 
 class Batch(NamedTuple):
     """A checked batch: embeddings [B, D] in compute dtype, labels [B] int, weights [B] float,
