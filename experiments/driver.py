@@ -122,7 +122,14 @@ def resolve_conv(conv: str, process_tuning: bool = True) -> str:
     return "xla"
 
 
-def build_model(config: Config, image_shape: tuple[int, ...], num_classes: int) -> EmbeddingModel:
+def build_model(
+    config: Config,
+    image_shape: tuple[int, ...],
+    num_classes: int,
+    conv_threads: int | None = None,
+) -> EmbeddingModel:
+    """The experiment's model; oneDNN convolutions run on ``conv_threads`` OpenMP threads
+    (default: this process's cores shared among the data-parallel devices)."""
     rngs = nnx.Rngs(config.seed)
     channels = image_shape[-1]
     if config.dataset == "cifar10":
@@ -134,7 +141,7 @@ def build_model(config: Config, image_shape: tuple[int, ...], num_classes: int) 
             width=config.width,
             init=config.init,
             conv=resolve_conv(config.conv, config.process_tuning),
-            conv_threads=onednn_conv.threads_per_device(num_devices(config)),
+            conv_threads=conv_threads or onednn_conv.threads_per_device(num_devices(config)),
             rngs=rngs,
         )
     objective = config.objective
@@ -314,11 +321,11 @@ def _batch_correct(objective: Objective, model, features, labels) -> jax.Array:
 Embed = Callable[[Any, np.ndarray, str], np.ndarray]
 
 
-def make_embed(graphdef, config: Config, chunk: int = 1000) -> Embed:
-    """``embed(graph, images, description) -> features``: the model in eval mode over chunks
-    of images, each chunk split over the data-parallel devices (one compiled shape: the last
-    chunk is padded), with a progress bar named ``description`` on a terminal."""
-    devices = num_devices(config)
+def make_embed(graphdef, config: Config, devices: int, chunk: int = 1000) -> Embed:
+    """``embed(graph, images, description) -> features``: the model of ``graphdef`` (eval
+    mode) over chunks of images (one compiled shape: the last chunk is padded), split over
+    ``devices`` data-parallel devices, or on the first device with the whole graph moved
+    there when ``devices`` is 1; a progress bar named ``description`` on a terminal."""
     chunk = -(-chunk // devices) * devices
     sharding = parallel.batch_sharding(parallel.data_mesh(devices)) if devices > 1 else None
 
@@ -328,6 +335,8 @@ def make_embed(graphdef, config: Config, chunk: int = 1000) -> Embed:
         return model(images)
 
     def embed(graph, images: np.ndarray, description: str) -> np.ndarray:
+        if sharding is None:  # not a replicated computation on every device
+            graph = jax.device_put(graph, jax.devices()[0])
         out = []
         starts = range(0, len(images), chunk)
         for start in _progress(starts, description, config.quiet):
@@ -528,18 +537,30 @@ def prepare(config: Config, workdir: pathlib.Path, log: Callable[..., None]) -> 
             f"{config.batch_size}; raise --limit or lower --batch-size"
         )
 
-    model = build_model(config, dataset.train_images.shape[1:], dataset.num_classes)
-    optimizer = nnx.Optimizer(model, build_optimizer(config, steps), wrt=nnx.Param)
-    model.eval()
-    eval_graphdef, _ = nnx.split((model, optimizer))
+    image_shape = dataset.train_images.shape[1:]
+    model = build_model(config, image_shape, dataset.num_classes)
     model.train()
-    graphdef, _ = nnx.split((model, optimizer))
-    devices = num_devices(config)
-    conv = (
-        ""
-        if config.dataset == "cifar10"
-        else f"; convolutions: {resolve_conv(config.conv, config.process_tuning)}"
+    graphdef, _ = nnx.split(
+        (model, nnx.Optimizer(model, build_optimizer(config, steps), wrt=nnx.Param))
     )
+    devices = num_devices(config)
+    kernels = (
+        None if config.dataset == "cifar10" else resolve_conv(config.conv, config.process_tuning)
+    )
+    # Evaluation: oneDNN runs faster on one device with every core as its threads than split
+    # over the devices; XLA's kernels run faster split.
+    eval_devices = 1 if kernels == "onednn" else devices
+    eval_model = build_model(
+        config,
+        image_shape,
+        dataset.num_classes,
+        conv_threads=onednn_conv.cores() if eval_devices == 1 else None,
+    )
+    eval_model.eval()
+    eval_graphdef, _ = nnx.split(
+        (eval_model, nnx.Optimizer(eval_model, build_optimizer(config, steps), wrt=nnx.Param))
+    )
+    conv = "" if kernels is None else f"; convolutions: {kernels}"
     log(
         f"devices: {devices} × {jax.devices()[0].platform}, {config.batch_size // devices} "
         f"images each{conv}"
@@ -553,7 +574,7 @@ def prepare(config: Config, workdir: pathlib.Path, log: Callable[..., None]) -> 
         steps=steps,
         eval_graphdef=eval_graphdef,
         train_step=make_train_step(config, graphdef),
-        embed=make_embed(eval_graphdef, config),
+        embed=make_embed(eval_graphdef, config, eval_devices),
         images=place_on_devices(config, dataset.train_images),
         labels=place_on_devices(config, dataset.train_labels),
         manager=checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints),
