@@ -28,6 +28,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mlx_jax import _checks
+
 
 def valid_or_all(valid: jax.Array | None, batch: int) -> jax.Array:
     return jnp.ones((batch,), bool) if valid is None else valid.astype(bool)
@@ -262,3 +264,70 @@ def semihard_negatives_rows(
     if fallback == "drop":
         pair_valid = pair_valid & found
     return selected, pair_valid
+
+
+def multi_similarity_pairs(
+    similarity: jax.Array,
+    labels: jax.Array,
+    *,
+    epsilon: float = 0.1,
+    valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Multi-Similarity pair mining (Wang et al. 2019, "Multi-Similarity Loss with General Pair
+    Weighting for Deep Metric Learning", CVPR, Eq. 9 and 10).
+
+    ``similarity`` is a [B, B] matrix where *larger is closer* (cosine similarity S). For anchor
+    i with positives P_i = {j != i: y_j = y_i} and negatives N_i = {k: y_k != y_i}:
+
+    * a negative pair (i, k) is kept if  S_ik + ε > min_{j∈P_i} S_ij   (Eq. 9),
+    * a positive pair (i, j) is kept if  S_ij − ε < max_{k∈N_i} S_ik   (Eq. 10).
+
+    Each side is compared with the other side's hardest pair, so an anchor without positives
+    keeps no negative and an anchor without negatives keeps no positive (a minimum over an empty
+    set is +inf, a maximum −inf): that anchor keeps no pair at all. pytorch-metric-learning's
+    ``MultiSimilarityMiner`` does the same (its sorted rows put +inf/−inf where the other side is
+    empty), and the authors' code skips such an anchor. A NaN similarity is never kept, and a NaN
+    among an anchor's positives (negatives) keeps none of its negatives (positives).
+
+    The masks are the label masks of :func:`pair_masks` restricted by these conditions, so a
+    mined positive always has the anchor's label and is never the anchor itself. (PML's miner was
+    reported, on an Apple MPS device, to return positives with different labels:
+    KevinMusgrave/pytorch-metric-learning#723.)
+
+    Args:
+      similarity: [B, B] float similarities (any float dtype).
+      labels: [B] int class ids.
+      epsilon: the margin ε; default 0.1 (the paper's value and PML's default). Must be >= 0.
+      valid: optional [B] bool; invalid samples are never anchor, positive or negative.
+
+    Returns:
+      (positive, negative): the mined [B, B] bool masks, subsets of :func:`pair_masks`.
+    """
+    similarity = _checks.float_array(similarity, "similarity", 2, "[batch, batch]")
+    batch = similarity.shape[0]
+    if similarity.shape[1] != batch:
+        raise ValueError(f"similarity must be square [batch, batch], got {similarity.shape}")
+    labels = _checks.labels_array(labels, batch)
+    if valid is not None and jnp.shape(valid) != (batch,):
+        raise ValueError(f"valid must have shape [{batch}], got {jnp.shape(valid)}")
+    positive, negative = pair_masks(labels, valid)
+    return multi_similarity_pairs_rows(similarity, positive, negative, epsilon=epsilon)
+
+
+def multi_similarity_pairs_rows(
+    similarity: jax.Array,
+    positive: jax.Array,
+    negative: jax.Array,
+    *,
+    epsilon: float = 0.1,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`multi_similarity_pairs` for anchor rows: ``similarity`` [R, B] of R anchors to all
+    samples and their label masks ``positive``, ``negative`` [R, B] (e.g. from
+    :func:`row_pair_masks`). Returns the mined (positive, negative) [R, B] bool masks."""
+    _checks.non_negative(epsilon, "epsilon")
+    similarity = jax.lax.stop_gradient(similarity)
+    hardest_positive = jnp.min(jnp.where(positive, similarity, jnp.inf), axis=1, keepdims=True)
+    hardest_negative = jnp.max(jnp.where(negative, similarity, -jnp.inf), axis=1, keepdims=True)
+    keep_negative = negative & (similarity + epsilon > hardest_positive)
+    keep_positive = positive & (similarity - epsilon < hardest_negative)
+    return keep_positive, keep_negative
