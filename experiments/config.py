@@ -87,7 +87,9 @@ class LossConfig:
         "unset: the loss's own default",
     )
     scale: float | None = option(
-        None, "loss scale (circle γ, CosFace/ArcFace/SphereFace s); unset: the loss's own default"
+        None,
+        "loss scale (circle γ, CosFace/ArcFace/SphereFace s, NT-Xent/SupCon temperature τ); "
+        "unset: the loss's own default",
     )
     mining: str = option(
         "semihard",

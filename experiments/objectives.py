@@ -86,6 +86,18 @@ def _circle(model, f, y, step, cfg):
     return {"circle": L.circle_loss(f, y, **_kw(m=cfg.margin, gamma=cfg.scale))}
 
 
+def _multi_similarity(model, f, y, step, cfg):
+    return {"multi_similarity": L.multi_similarity_loss(f, y, mining="multi_similarity")}
+
+
+def _ntxent(model, f, y, step, cfg):
+    return {"ntxent": L.ntxent_loss(f, y, **_kw(temperature=cfg.scale))}
+
+
+def _supcon(model, f, y, step, cfg):
+    return {"supcon": L.supcon_loss(f, y, **_kw(temperature=cfg.scale))}
+
+
 def _sphereface(model, f, y, step, cfg):
     lam = L.sphereface_lambda(step)
     return {
@@ -160,6 +172,32 @@ OBJECTIVES: dict[str, Objective] = {
             metric="cosine",
             balanced_batches=True,
             help="circle loss (Sun et al. 2020), m 0.25, gamma 256",
+        ),
+        Objective(
+            "multi_similarity",
+            _multi_similarity,
+            "class_means",
+            metric="cosine",
+            balanced_batches=True,
+            help="multi-similarity loss (Wang et al. 2019), α 2, β 50, λ 0.5, with its pair "
+            "mining (ε 0.1)",
+        ),
+        Objective(
+            "ntxent",
+            _ntxent,
+            "class_means",
+            metric="cosine",
+            balanced_batches=True,
+            help="NT-Xent with labels (Chen et al. 2020, as PML's NTXentLoss), τ 0.07 "
+            "(--scale sets τ)",
+        ),
+        Objective(
+            "supcon",
+            _supcon,
+            "class_means",
+            metric="cosine",
+            balanced_batches=True,
+            help="supervised contrastive loss (Khosla et al. 2020), τ 0.1 (--scale sets τ)",
         ),
         Objective(
             "sphereface",

@@ -164,3 +164,16 @@ def reduce_pair_terms(
     )
     result = pair_rows(rows, batch, positive_terms, negative_terms, reduction)
     return reduce_pair_rows(result, reduction, balance)
+
+
+def masked_logsumexp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row-wise log Σ_{j: mask[i, j]} exp(logits[i, j]) and whether the row has any entry.
+
+    ``jax.nn.logsumexp`` subtracts the row maximum before exponentiating, so no scale or
+    temperature overflows. Empty rows give 0 with zero gradients: their logits are replaced by
+    zeros *before* the logsumexp (so it stays finite) and the output is masked after it.
+    """
+    has_any = jnp.any(mask, axis=1)
+    keep = mask | ~has_any[:, None]
+    safe = jnp.where(keep, jnp.where(mask, logits, 0.0), -jnp.inf)
+    return jnp.where(has_any, jax.nn.logsumexp(safe, axis=1), 0.0), has_any

@@ -8,19 +8,7 @@ import jax.numpy as jnp
 
 from mlx_jax import _checks, blockwise, reductions
 from mlx_jax.distances import l2_normalize
-from mlx_jax.losses._common import Rows, map_anchor_rows, prepare_batch
-
-
-def _masked_logsumexp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Row-wise log Σ_{j: mask[i, j]} exp(logits[i, j]) and whether the row has any entry.
-
-    Empty rows give 0 with zero gradients: the logits of an empty row are replaced by zeros
-    *before* the logsumexp (so it stays finite), and its output is masked after it.
-    """
-    has_any = jnp.any(mask, axis=1)
-    keep = mask | ~has_any[:, None]
-    safe = jnp.where(keep, jnp.where(mask, logits, 0.0), -jnp.inf)
-    return jnp.where(has_any, jax.nn.logsumexp(safe, axis=1), 0.0), has_any
+from mlx_jax.losses._common import Rows, map_anchor_rows, masked_logsumexp, prepare_batch
 
 
 def circle_loss(
@@ -89,8 +77,8 @@ def circle_loss(
         positive_logits = -gamma * alpha_p * (similarity - (1.0 - m))
         negative_logits = gamma * alpha_n * (similarity - m)
 
-        lse_p, has_positive = _masked_logsumexp(positive_logits, positive)
-        lse_n, has_negative = _masked_logsumexp(negative_logits, negative)
+        lse_p, has_positive = masked_logsumexp(positive_logits, positive)
+        lse_n, has_negative = masked_logsumexp(negative_logits, negative)
         has_term = has_positive & has_negative
         losses = jnp.where(has_term, jax.nn.softplus(lse_p + lse_n), 0.0)
         return losses, jnp.where(has_term, rows.weights, 0.0)

@@ -30,7 +30,14 @@ import jax.numpy as jnp
 
 from mlx_jax import _checks, blockwise, reductions
 from mlx_jax.distances import HIGHEST, l2_normalize
-from mlx_jax.losses._common import Batch, Rows, map_anchor_rows, pair_row_sums, prepare_batch
+from mlx_jax.losses._common import (
+    Batch,
+    Rows,
+    map_anchor_rows,
+    masked_logsumexp,
+    pair_row_sums,
+    prepare_batch,
+)
 
 
 def positive_counts(labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -70,19 +77,6 @@ def positive_counts(labels: jax.Array, weights: jax.Array | None = None) -> jax.
     return jnp.where(valid, same_label - 1, 0).astype(jnp.int32)
 
 
-def _masked_logsumexp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Row-wise log Σ_{j: mask[i, j]} exp(logits[i, j]) and whether the row has any entry.
-
-    ``jax.nn.logsumexp`` subtracts the row maximum before exponentiating, so no temperature
-    overflows. Empty rows give 0 with zero gradients: their logits are replaced by zeros before
-    the logsumexp (so it stays finite) and the output is masked after it.
-    """
-    has_any = jnp.any(mask, axis=1)
-    keep = mask | ~has_any[:, None]
-    safe = jnp.where(keep, jnp.where(mask, logits, 0.0), -jnp.inf)
-    return jnp.where(has_any, jax.nn.logsumexp(safe, axis=1), 0.0), has_any
-
-
 def _positive_log_probs(
     rows: Rows,
     batch: Batch,
@@ -107,12 +101,12 @@ def _positive_log_probs(
     logits = jnp.matmul(anchors, normalized.T, precision=HIGHEST) / temperature
     if other_positives:
         # log-softmax over A(i) = P(i) ∪ N(i); p ∈ A(i), so the denominator is per row
-        log_norm, _ = _masked_logsumexp(logits, positive | negative)
+        log_norm, _ = masked_logsumexp(logits, positive | negative)
         log_prob = logits - log_norm[:, None]
     else:
         # log-softmax over {p} ∪ N(i): l_p − logaddexp(l_p, lse_N) = −softplus(lse_N − l_p);
         # without negatives the pair is alone in its denominator: log_prob = 0
-        log_norm, has_negative = _masked_logsumexp(logits, negative)
+        log_norm, has_negative = masked_logsumexp(logits, negative)
         log_prob = -jnp.where(
             has_negative[:, None], jax.nn.softplus(log_norm[:, None] - logits), 0.0
         )
