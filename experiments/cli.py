@@ -4,8 +4,8 @@ The flags are generated from :class:`experiments.config.Config` (one flag per fi
 choices from the field's metadata). :func:`main` applies the process tuning of
 :mod:`experiments.tuning` (unless ``--no-process-tuning``), calls
 :func:`experiments.driver.train_and_evaluate`, and maps its exceptions to one-line messages
-and exit codes (:data:`EXIT_CODES`). Ctrl-C or SIGTERM stops the run and prints the command
-that continues it from its last checkpoint.
+and exit codes (:data:`EXIT_CODES`). Ctrl-C or SIGTERM stops the run at its next safe point
+(:class:`StopRequest`) and prints the command that continues it from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -118,12 +118,23 @@ def config_from_args(dataset: str, argv: Sequence[str] | None = None) -> Config:
     return parse(dataset, argv)[0]
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+class StopRequest:
+    """The CLI's Ctrl-C and SIGTERM handler: the first signal asks the run to stop at its next
+    safe point (between steps or evaluation chunks, never inside a checkpoint save, where an
+    exception could land in a library's cleanup); a second one stops it at once."""
 
+    def __init__(self) -> None:
+        self.signum: int | None = None
 
-def _raise_terminated(signum, frame):
-    raise _Terminated
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # asked twice: do not wait for a safe point
+        self.signum = signum
+
+    def check(self) -> None:
+        """Raises KeyboardInterrupt once a stop was requested (the driver's ``check_stop``)."""
+        if self.signum is not None:
+            raise KeyboardInterrupt
 
 
 def resume_command(dataset: str, argv: Sequence[str]) -> str:
@@ -144,11 +155,12 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
     from experiments import driver  # imports JAX: after the tuning
     from mlx_jax import data as data_lib
 
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    stop = StopRequest()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        driver.train_and_evaluate(config, workdir)
-    except KeyboardInterrupt as stop:
-        signum = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
+        driver.train_and_evaluate(config, workdir, check_stop=stop.check)
+    except KeyboardInterrupt:
+        signum = stop.signum or signal.SIGINT
         last = driver.latest_checkpoint(workdir)
         where = (
             f"the last checkpoint is epoch {last[0]} in {last[1]}"
@@ -171,5 +183,6 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CODES["run"]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

@@ -321,11 +321,18 @@ def _batch_correct(objective: Objective, model, features, labels) -> jax.Array:
 Embed = Callable[[Any, np.ndarray, str], np.ndarray]
 
 
-def make_embed(graphdef, config: Config, devices: int, chunk: int = 1000) -> Embed:
+def make_embed(
+    graphdef,
+    config: Config,
+    devices: int,
+    chunk: int = 1000,
+    check_stop: Callable[[], None] = lambda: None,
+) -> Embed:
     """``embed(graph, images, description) -> features``: the model of ``graphdef`` (eval
     mode) over chunks of images (one compiled shape: the last chunk is padded), split over
     ``devices`` data-parallel devices, or on the first device with the whole graph moved
-    there when ``devices`` is 1; a progress bar named ``description`` on a terminal."""
+    there when ``devices`` is 1; a progress bar named ``description`` on a terminal;
+    ``check_stop`` runs between chunks."""
     chunk = -(-chunk // devices) * devices
     sharding = parallel.batch_sharding(parallel.data_mesh(devices)) if devices > 1 else None
 
@@ -340,6 +347,7 @@ def make_embed(graphdef, config: Config, devices: int, chunk: int = 1000) -> Emb
         out = []
         starts = range(0, len(images), chunk)
         for start in _progress(starts, description, config.quiet):
+            check_stop()
             part = images[start : start + chunk]
             pad = chunk - len(part)
             if pad:
@@ -412,6 +420,7 @@ class Experiment:
     manager: ocp.CheckpointManager
     log: Callable[..., None]
     started: float
+    check_stop: Callable[[], None]  # raises KeyboardInterrupt when a stop was requested
 
     @property
     def num_classes(self) -> int:
@@ -501,7 +510,12 @@ def latest_checkpoint(workdir: str | os.PathLike) -> tuple[int, pathlib.Path] | 
     return latest.step, directory / latest.path.name
 
 
-def prepare(config: Config, workdir: pathlib.Path, log: Callable[..., None]) -> Experiment:
+def prepare(
+    config: Config,
+    workdir: pathlib.Path,
+    log: Callable[..., None],
+    check_stop: Callable[[], None] = lambda: None,
+) -> Experiment:
     """Loads the data and builds everything the epochs use (see :class:`Experiment`)."""
     started = time.time()
     _check_data_dir(config)
@@ -574,12 +588,13 @@ def prepare(config: Config, workdir: pathlib.Path, log: Callable[..., None]) -> 
         steps=steps,
         eval_graphdef=eval_graphdef,
         train_step=make_train_step(config, graphdef),
-        embed=make_embed(eval_graphdef, config, eval_devices),
+        embed=make_embed(eval_graphdef, config, eval_devices, check_stop=check_stop),
         images=place_on_devices(config, dataset.train_images),
         labels=place_on_devices(config, dataset.train_labels),
         manager=checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints),
         log=log,
         started=started,
+        check_stop=check_stop,
     )
 
 
@@ -683,6 +698,7 @@ def train_epoch(exp: Experiment, state: TrainState, epoch: int) -> tuple[TrainSt
     totals = jnp.zeros(5)
     bar = _progress(range(exp.steps), f"epoch {epoch}/{config.epochs}", config.quiet)
     for i in bar:
+        exp.check_stop()
         state, stats = exp.train_step(state, exp.images, exp.labels, order, i)
         totals = totals + stats
         if (i + 1) % config.progress_every == 0 or i + 1 == exp.steps:
@@ -1005,8 +1021,17 @@ def _already_complete(config: Config, workdir: pathlib.Path) -> dict | None:
     return json.loads(summary_path.read_text())
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None) -> dict:
+def train_and_evaluate(
+    config: Config,
+    workdir: str | os.PathLike | None = None,
+    *,
+    check_stop: Callable[[], None] = lambda: None,
+) -> dict:
     """Trains and evaluates ``config`` in ``workdir`` (default ``config.default_workdir()``).
+
+    ``check_stop`` is called between steps and evaluation chunks (never inside a checkpoint
+    save) and may raise KeyboardInterrupt to stop there: the CLI's Ctrl-C and SIGTERM
+    handlers request a stop this way (:class:`experiments.cli.StopRequest`).
 
     Returns:
       The summary (also in WORKDIR/summary.json): ``final`` and ``best`` epoch metrics,
@@ -1019,7 +1044,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None)
       mlx_jax.data.DatasetUnavailableError: no source for the dataset.
       ResumeError: see :func:`restore_or_start`.
       TrainingDiverged: see :func:`train_epoch`.
-      KeyboardInterrupt: Ctrl-C; the newest checkpoint is :func:`latest_checkpoint`.
+      KeyboardInterrupt: Ctrl-C or ``check_stop``; the newest checkpoint is
+        :func:`latest_checkpoint`.
     """
     config = config.validate()
     workdir = pathlib.Path(workdir if workdir is not None else config.default_workdir())
@@ -1033,7 +1059,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike | None = None)
     _check_data_dir(config)  # refuse before making the workdir or loading anything
     resume_point(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    exp = prepare(config, workdir, log)
+    exp = prepare(config, workdir, log, check_stop)
     state, history = restore_or_start(exp)
     config = exp.config
     for epoch in range(len(history) + 1, config.epochs + 1):
