@@ -246,8 +246,8 @@ class Config:
     process_tuning: bool = option(
         True,
         "CLI only: tune the process before JAX starts (experiments/tuning.py: glibc malloc "
-        "reuse, one CPU device per core, a 10-minute collective timeout); "
-        "--no-process-tuning leaves JAX's and glibc's defaults",
+        "reuse, one CPU device per core, a 10-minute collective timeout, oneDNN convolutions "
+        "for --conv auto); --no-process-tuning leaves glibc's, JAX's and XLA's defaults",
         run_setting=True,
     )
     progress_every: int = option(
