@@ -156,7 +156,12 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
     from mlx_jax import data as data_lib
 
     stop = StopRequest()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # A signal the process was started with ignored (a background job's SIGINT) stays ignored.
+    previous = {
+        s: signal.signal(s, stop)
+        for s in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(s) is not signal.SIG_IGN
+    }
     try:
         driver.train_and_evaluate(config, workdir, check_stop=stop.check)
     except KeyboardInterrupt:

@@ -102,6 +102,23 @@ def test_an_interrupt_names_the_last_checkpoint_and_the_resume_command(
     assert strip(history(stopped)) == strip(history(straight))
 
 
+def test_an_ignored_sigint_stays_ignored(data_dir, tmp_path, monkeypatch):
+    seen = []
+    real = driver.train_and_evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "train_and_evaluate", spy)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main("fashion_mnist", argv_for(data_dir, tmp_path / "run", "--epochs", "1")) == 0
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_stop_request_waits_for_a_safe_point_and_a_second_one_does_not():
     stop = cli.StopRequest()
     stop.check()  # nothing requested: no-op
@@ -261,7 +278,13 @@ def test_a_real_run_without_a_compiler_trains_on_xla_and_stops_cleanly_on_sigint
     env = {**os.environ, "CXX": "no-such-compiler++", "MLX_JAX_CACHE": str(tmp_path / "cache")}
     argv = argv_for(data_dir, out, "--loss", "xent", "--epochs", "200", "--lr", "0.05")
     argv.remove("--quiet")
-    command = [sys.executable, "-m", "experiments.fashion_mnist", *argv]
+    # `python -m experiments.fashion_mnist ARGV` with SIGINT as from a terminal, whatever this
+    # pytest inherited (a background job starts with SIGINT ignored, and so would the child)
+    as_from_a_terminal = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "runpy.run_module('experiments.fashion_mnist', run_name='__main__', alter_sys=True)"
+    )
+    command = [sys.executable, "-c", as_from_a_terminal, *argv]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
