@@ -277,7 +277,7 @@ class Config:
         """
         for owner in (self, self.loss_config):
             for field in dataclasses.fields(owner):
-                if field.type == "LossConfig" or field.name == "loss_config":
+                if field.name == "loss_config":  # checked as its own dataclass
                     continue
                 _check_field(field, getattr(owner, field.name))
         if self.held_out_classes is not None:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -640,9 +639,7 @@ def restore_or_start(exp: Experiment) -> tuple[TrainState, list[dict]]:
                 f"({reason}); it was written by another version of mlx_jax: rerun that "
                 "version to finish it, or start afresh in another --workdir"
             ) from error
-        lines = exp.metrics_path.read_text().splitlines() if exp.metrics_path.exists() else []
-        history = [json.loads(line) for line in lines if line.strip()]
-        history = [h for h in history if h["epoch"] <= latest]
+        history = [h for h in _read_history(workdir) if h["epoch"] <= latest]
         # said even with --quiet: what --resume found is part of the run's record
         print(f"resumed from epoch {latest} (step {int(state.step)})", flush=True)
     config_path.write_text(json.dumps(config.to_json(), indent=2))
@@ -1096,7 +1093,3 @@ def _read_history(workdir: pathlib.Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line) for line in lines if line.strip()]
-
-
-def log_to_stderr(*parts: Any) -> None:  # pragma: no cover - convenience for notebooks
-    print(*parts, file=sys.stderr, flush=True)
