@@ -29,7 +29,7 @@ from __future__ import annotations
 import fractions
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import jax
@@ -346,6 +346,61 @@ def knn_accuracy(
 # Retrieval
 
 
+RETRIEVAL_METRICS: tuple[str, ...] = (
+    "precision_at_1",
+    "r_precision",
+    "map_at_r",
+    "mean_average_precision",
+    "mean_reciprocal_rank",
+)
+DEFAULT_RETRIEVAL_METRICS: tuple[str, ...] = ("precision_at_1", "r_precision", "map_at_r")
+Average = Literal["queries", "classes"]
+AVERAGES: tuple[str, ...] = ("queries", "classes")
+
+
+def _retrieval_options(include, k) -> tuple[tuple[str, ...], int | None]:
+    if isinstance(include, str) or not include:
+        raise ValueError(
+            f"include must be a non-empty sequence of metric names from {RETRIEVAL_METRICS}, "
+            f"got {include!r}"
+        )
+    unknown = [name for name in include if name not in RETRIEVAL_METRICS]
+    if unknown:
+        raise ValueError(f"include: unknown metric(s) {unknown}; choose from {RETRIEVAL_METRICS}")
+    if k is not None and (not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"k must be a positive int or None (the whole ranking), got {k!r}")
+    return tuple(dict.fromkeys(include)), None if k is None else int(k)
+
+
+def _per_query_retrieval(
+    hits: np.ndarray, relevant: np.ndarray, include: tuple[str, ...], cutoff: int | None
+) -> dict[str, np.ndarray]:
+    """Per-query metrics [c] from ``hits`` [c, depth] (rel(i) of the ranking's first ``depth``
+    references) and R [c] (> 0)."""
+    depth = hits.shape[1]
+    ranks = np.arange(1, depth + 1)
+    big_r = relevant[:, None]
+    out = {}
+    if "precision_at_1" in include:
+        out["precision_at_1"] = hits[:, 0].astype(np.float64)
+    if "r_precision" in include or "map_at_r" in include:
+        hits_at_r = hits & (ranks[None, :] <= big_r)  # rel(i) for i <= R
+        if "r_precision" in include:
+            out["r_precision"] = hits_at_r.sum(axis=1) / relevant
+        if "map_at_r" in include:
+            precision = np.cumsum(hits_at_r, axis=1) / ranks
+            out["map_at_r"] = (precision * hits_at_r).sum(axis=1) / relevant
+    if "mean_average_precision" in include or "mean_reciprocal_rank" in include:
+        ranked = hits[:, : cutoff or depth]
+        if "mean_average_precision" in include:
+            precision = np.cumsum(ranked, axis=1) / ranks[: ranked.shape[1]]
+            out["mean_average_precision"] = (precision * ranked).sum(axis=1) / relevant
+        if "mean_reciprocal_rank" in include:
+            found = ranked.any(axis=1)
+            out["mean_reciprocal_rank"] = np.where(found, 1.0 / (ranked.argmax(axis=1) + 1), 0.0)
+    return out
+
+
 def retrieval_metrics(
     query: jax.Array,
     query_labels: jax.Array,
@@ -354,9 +409,14 @@ def retrieval_metrics(
     *,
     metric: Metric = DEFAULT_METRIC,
     chunk_size: int | None = None,
-) -> dict[str, float]:
-    """Precision@1, R-Precision and MAP@R (Musgrave, Belongie & Lim 2020, "A Metric Learning
-    Reality Check", §3.2), as pytorch-metric-learning's ``AccuracyCalculator`` computes them.
+    include: Sequence[str] = DEFAULT_RETRIEVAL_METRICS,
+    k: int | None = None,
+    average: Average = "queries",
+    per_class: bool = False,
+) -> dict[str, float] | dict[str, dict[int, float]]:
+    """Retrieval metrics of a ranking, as pytorch-metric-learning's ``AccuracyCalculator``
+    computes them: Precision@1, R-Precision and MAP@R (Musgrave, Belongie & Lim 2020, "A Metric
+    Learning Reality Check", §3.2), mean average precision and mean reciprocal rank.
 
     For a query q, rank the references by distance (nearest first) and let rel(i) = 1 when the
     i-th one has q's label. R = the number of references with q's label (minus q itself when
@@ -365,18 +425,33 @@ def retrieval_metrics(
         P@1         = rel(1)
         R-Precision = (1/R)·Σ_{i=1..R} rel(i)
         MAP@R       = (1/R)·Σ_{i=1..R} P(i)·rel(i),   P(i) = (1/i)·Σ_{j=1..i} rel(j)
+        AP          = (1/R)·Σ_{i=1..K} P(i)·rel(i)     (``"mean_average_precision"``)
+        RR          = 1/(rank of the first relevant reference), 0 if none is within K
+                                                       (``"mean_reciprocal_rank"``)
 
-    and each metric is the mean over queries. Queries with R = 0 (no other reference of their
-    class) are left out of all three means, as PML does; if every query has R = 0 the metrics
-    are NaN. Equal distances are ranked by reference index.
+    with K = ``k`` or, for ``k=None`` (default), the whole ranking — so AP is the usual
+    (untruncated) average precision over all R relevant references. PML's ``AccuracyCalculator``
+    ranks only its ``k`` nearest (default ``"max_bin_count"``, the largest class size): pass the
+    same ``k`` to get its numbers; its AP also divides by R when fewer than R relevant
+    references fall within K. ``k`` affects only AP and RR.
+
+    Each metric is averaged over queries (``average="queries"``, default) or, with
+    ``average="classes"``, first over the queries of each class and then over classes
+    (PML's ``avg_of_avgs=True``), so small classes weigh as much as large ones.
+    ``per_class=True`` returns each metric per query class instead (PML's
+    ``return_per_class``). Queries with R = 0 (no other reference of their class) are left out
+    of every mean, and their class out of the per-class results, as PML does; if every query has
+    R = 0 the metrics are NaN (and the per-class dicts empty). Equal distances are ranked by
+    reference index.
 
     With ``reference=None`` the query set is its own reference set and every query is excluded
     from its own ranking (PML's ``ref_includes_query``). Passing the same array explicitly as
     ``reference`` does *not* exclude it: each query then finds itself first.
 
-    Cost: the top max(R) references of each query are selected per chunk (e.g. R ≈ 6000 for
-    60k references of 10 balanced classes), holding one chunk of distances (≤ 16 MiB by
-    default) plus its top-R indices at a time.
+    Cost: for the default ``include`` the top max(R) references of each query are selected per
+    chunk (e.g. R ≈ 6000 for 60k references of 10 balanced classes), holding one chunk of
+    distances (≤ 16 MiB by default) plus its top-R indices at a time. AP and RR with
+    ``k=None`` rank the whole reference set (a sort of each query's row).
 
     Args:
       query: [Q, D] float. query_labels: [Q] int >= 0.
@@ -384,11 +459,17 @@ def retrieval_metrics(
       metric: ``"euclidean"`` (default), ``"squared_euclidean"`` (same ranking) or
         ``"cosine"``.
       chunk_size: queries per chunk (None: automatic).
+      include: which of ``RETRIEVAL_METRICS`` to compute; default P@1, R-Precision, MAP@R.
+      k: rank cutoff K for AP and RR (a positive int), or None for the whole ranking.
+      average: ``"queries"`` or ``"classes"`` (the average of per-class averages).
+      per_class: return ``{metric: {class id: value}}`` instead of one value per metric.
 
     Returns:
-      ``{"precision_at_1": float, "r_precision": float, "map_at_r": float}``.
+      ``{name: float}`` for each name in ``include`` (or ``{name: {class: float}}``).
     """
     check_metric(metric)
+    _checks.choice(average, "average", AVERAGES)
+    include, cutoff = _retrieval_options(include, k)
     q = _finite_embeddings(query, "query")
     q_labels = _host_labels(query_labels, q.shape[0], "query_labels")
     if (reference is None) != (reference_labels is None):
@@ -408,31 +489,38 @@ def retrieval_metrics(
     relevant = relevant - int(exclude_self)  # R per query [Q]
     counted = relevant > 0
 
-    num = int(counted.sum())
-    if num == 0:
-        return dict.fromkeys(("precision_at_1", "r_precision", "map_at_r"), math.nan)
-    k = int(relevant.max())
-    ranks = np.arange(1, k + 1)
-    totals = np.zeros(3)  # P@1, R-Precision, MAP@R summed over the counted queries
+    if not counted.any():
+        if per_class:
+            return {name: {} for name in include}
+        return dict.fromkeys(include, math.nan)
+    num_ranked = r.shape[0] - int(exclude_self)
+    depth = int(relevant.max())
+    if "mean_average_precision" in include or "mean_reciprocal_rank" in include:
+        depth = num_ranked if cutoff is None else max(depth, min(cutoff, num_ranked))
+    per_query = {name: np.zeros(q.shape[0]) for name in include}
     for start, nearest in _nearest_neighbours(
-        q, r, k, metric=metric, exclude_self=exclude_self, chunk_size=chunk_size
+        q, r, depth, metric=metric, exclude_self=exclude_self, chunk_size=chunk_size
     ):
-        keep = counted[start : start + len(nearest)]
-        big_r = relevant[start : start + len(nearest)][keep, None]  # [c, 1]
-        hits = r_labels[nearest[keep]] == q_labels[start : start + len(nearest)][keep, None]
-        hits_at_r = hits & (ranks[None, :] <= big_r)  # rel(i) for i <= R
-        precision_at_i = np.cumsum(hits_at_r, axis=1) / ranks  # P(i) for i <= R
-        totals += (
-            hits[:, 0].sum(),
-            (hits_at_r.sum(axis=1, keepdims=True) / big_r).sum(),
-            ((precision_at_i * hits_at_r).sum(axis=1, keepdims=True) / big_r).sum(),
-        )
-    means = totals / num
-    return {
-        "precision_at_1": float(means[0]),
-        "r_precision": float(means[1]),
-        "map_at_r": float(means[2]),
+        rows = np.arange(start, start + len(nearest))[counted[start : start + len(nearest)]]
+        hits = r_labels[nearest[rows - start]] == q_labels[rows, None]
+        for name, values in _per_query_retrieval(hits, relevant[rows], include, cutoff).items():
+            per_query[name][rows] = values
+
+    kept_labels = q_labels[counted]
+    if not per_class and average == "queries":
+        return {name: float(values[counted].mean()) for name, values in per_query.items()}
+    query_classes, inverse = np.unique(kept_labels, return_inverse=True)
+    queries_per_class = np.bincount(inverse)
+    by_class = {
+        name: np.bincount(inverse, weights=values[counted]) / queries_per_class
+        for name, values in per_query.items()
     }
+    if per_class:
+        return {
+            name: {int(c): float(v) for c, v in zip(query_classes, values, strict=True)}
+            for name, values in by_class.items()
+        }
+    return {name: float(values.mean()) for name, values in by_class.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -552,6 +552,168 @@ def test_retrieval_metrics_match_pml_accuracy_calculator(selection, metric, with
     assert_dicts_close(got, want, tol=1e-6)
 
 
+# Mean average precision, mean reciprocal rank, per-class averages ---------------------------
+
+ALL_RETRIEVAL = (
+    "precision_at_1",
+    "r_precision",
+    "map_at_r",
+    "mean_average_precision",
+    "mean_reciprocal_rank",
+)
+
+
+def ref_per_query(q, q_labels, r=None, r_labels=None, metric="euclidean", k=None):
+    """Per query with R > 0: (label, {metric: value}) by explicit loops over the ranking."""
+    exclude_self = r is None
+    if exclude_self:
+        r, r_labels = q, q_labels
+    out = []
+    for i, order in enumerate(ref_ranking(q, r, metric, exclude_self)):
+        rel = [1 if r_labels[j] == q_labels[i] else 0 for j in order]
+        big_r = sum(rel)
+        if big_r == 0:
+            continue
+        cut = len(rel) if k is None else k
+        ap = sum(sum(rel[: pos + 1]) / (pos + 1) for pos in range(min(cut, len(rel))) if rel[pos])
+        first = next((pos + 1 for pos in range(min(cut, len(rel))) if rel[pos]), None)
+        ap_at_r = sum(sum(rel[: pos + 1]) / (pos + 1) for pos in range(big_r) if rel[pos])
+        values = {
+            "precision_at_1": rel[0],
+            "r_precision": sum(rel[:big_r]) / big_r,
+            "map_at_r": ap_at_r / big_r,
+            "mean_average_precision": ap / big_r,
+            "mean_reciprocal_rank": 0.0 if first is None else 1.0 / first,
+        }
+        out.append((int(q_labels[i]), values))
+    return out
+
+
+def ref_average(per_query, average):
+    if average == "queries":
+        return {m: np.mean([v[m] for _, v in per_query]) for m in ALL_RETRIEVAL}
+    by_class = ref_by_class(per_query)
+    return {m: np.mean(list(by_class[m].values())) for m in ALL_RETRIEVAL}
+
+
+def ref_by_class(per_query):
+    classes = sorted({c for c, _ in per_query})
+    return {
+        m: {c: np.mean([v[m] for cc, v in per_query if cc == c]) for c in classes}
+        for m in ALL_RETRIEVAL
+    }
+
+
+@pytest.mark.parametrize("k", [None, 1, 7])
+@pytest.mark.parametrize("average", ["queries", "classes"])
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_average_precision_and_reciprocal_rank_match_loops(selection, k, average, with_reference):
+    q, q_labels = grid(30, 36, classes=4)  # many ties: ranked by reference index
+    r, r_labels = grid(31, 50, classes=4) if with_reference else (None, None)
+    q_labels[:2] = 7  # a class absent from the references (R = 0), R = 1 in self-retrieval
+    got = metrics.retrieval_metrics(
+        q, q_labels, r, r_labels, include=ALL_RETRIEVAL, k=k, average=average, chunk_size=10
+    )
+    want = ref_average(ref_per_query(q, q_labels, r, r_labels, k=k), average)
+    assert list(got) == list(ALL_RETRIEVAL)
+    for m in ALL_RETRIEVAL:
+        assert got[m] == pytest.approx(want[m], abs=1e-12), m
+
+
+def test_per_class_results_match_loops():
+    q, q_labels = clusters(32, 60, dim=3, classes=4, spread=2.5, label_values=[3, 5, 8, 11])
+    got = metrics.retrieval_metrics(q, q_labels, include=ALL_RETRIEVAL, per_class=True)
+    want = ref_by_class(ref_per_query(q, q_labels))
+    assert set(got) == set(ALL_RETRIEVAL)
+    for m in ALL_RETRIEVAL:
+        assert set(got[m]) == {3, 5, 8, 11}
+        for c, value in want[m].items():
+            assert got[m][c] == pytest.approx(value, abs=1e-12), (m, c)
+    # the average of per-class averages weighs classes, not queries
+    q_labels[q_labels == 3] = 5  # one big class
+    by_query = metrics.retrieval_metrics(q, q_labels, include=["map_at_r"])
+    by_class = metrics.retrieval_metrics(q, q_labels, include=["map_at_r"], average="classes")
+    assert by_query["map_at_r"] != pytest.approx(by_class["map_at_r"])
+
+
+def test_average_precision_hand_computed():
+    # one query at 0; references at 1..5 with labels 0 1 0 1 1 (R = 2): ranks 1 and 3 relevant
+    q = np.zeros((1, 1), np.float32)
+    r = np.arange(1, 6, dtype=np.float32)[:, None]
+    r_labels = np.array([0, 1, 0, 1, 1])
+    got = metrics.retrieval_metrics(
+        q, np.array([0]), r, r_labels, include=["mean_average_precision", "mean_reciprocal_rank"]
+    )
+    assert got["mean_average_precision"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert got["mean_reciprocal_rank"] == 1.0
+    # cut at k = 2: only rank 1 counts, still divided by R = 2 (AccuracyCalculator's convention)
+    got = metrics.retrieval_metrics(q, np.array([0]), r, r_labels[::-1], include=ALL_RETRIEVAL, k=2)
+    assert got["mean_average_precision"] == 0.0  # labels 1 1 0 1 0: no relevant in the top 2
+    assert got["mean_reciprocal_rank"] == 0.0
+    got = metrics.retrieval_metrics(q, np.array([0]), r, r_labels[::-1], include=ALL_RETRIEVAL)
+    assert got["mean_reciprocal_rank"] == pytest.approx(1 / 3)
+
+
+def test_retrieval_metrics_all_lone_per_class_is_empty():
+    q = np.eye(3, dtype=np.float32)
+    got = metrics.retrieval_metrics(q, np.array([0, 1, 2]), per_class=True)
+    assert got == {"precision_at_1": {}, "r_precision": {}, "map_at_r": {}}
+    got = metrics.retrieval_metrics(q, np.array([0, 1, 2]), include=["mean_reciprocal_rank"])
+    assert np.isnan(got["mean_reciprocal_rank"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"include": "map_at_r"}, "include must be a non-empty sequence"),
+        ({"include": []}, "include must be a non-empty sequence"),
+        ({"include": ["map"]}, r"include: unknown metric\(s\) \['map'\]"),
+        ({"k": 0}, "k must be a positive int or None"),
+        ({"k": 2.5}, "k must be a positive int or None"),
+        ({"average": "samples"}, "average must be one of"),
+    ],
+)
+def test_retrieval_options_bad_inputs(kwargs, match):
+    q, y = clusters(33, 8, dim=2, classes=2)
+    with pytest.raises(ValueError, match=match):
+        metrics.retrieval_metrics(q, y, **kwargs)
+
+
+@pytest.mark.parametrize("k", [None, 5])
+@pytest.mark.parametrize("avg_of_avgs", [False, True])
+def test_average_precision_and_reciprocal_rank_match_pml(k, avg_of_avgs):
+    pytest.importorskip("torch", reason="torch not installed")
+    pytest.importorskip("pytorch_metric_learning", reason="pytorch-metric-learning not installed")
+    import torch
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    q, q_labels = clusters(34, 70, dim=5, classes=5, spread=2.5)
+    r, r_labels = clusters(35, 90, dim=5, classes=5, spread=2.5)
+    include = ("mean_average_precision", "mean_reciprocal_rank", "precision_at_1")
+    calculator = AccuracyCalculator(
+        include=include,
+        k=len(r) if k is None else k,  # PML's k=None would mean max_bin_count
+        avg_of_avgs=avg_of_avgs,
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+        device=torch.device("cpu"),
+    )
+    want = calculator.get_accuracy(q, q_labels, r, r_labels)
+    got = metrics.retrieval_metrics(
+        q,
+        q_labels,
+        r,
+        r_labels,
+        include=include,
+        k=k,
+        average="classes" if avg_of_avgs else "queries",
+    )
+    assert 0.1 < want["mean_average_precision"] < 0.95  # not trivially 0 or 1
+    for m in include:
+        assert got[m] == pytest.approx(want[m], abs=1e-6), m
+
+
 # --------------------------------------------------------------------------------------------
 # Intra / inter distance ratio
 
