@@ -101,6 +101,19 @@ def sample_weights(weights, batch: int, dtype, name: str = "weights") -> jax.Arr
     return weights.astype(dtype)
 
 
+def anchors_array(anchors, batch: int, name: str = "anchors") -> jax.Array:
+    """A boolean mask [batch]: which samples anchor loss terms."""
+    anchors = jnp.asarray(anchors)
+    if anchors.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array [{batch}], got {anchors.dtype}")
+    if anchors.shape != (batch,):
+        raise ValueError(
+            f"{name} must have shape [{batch}] (one flag per embedding), "
+            f"got shape {_shape_str(anchors)}"
+        )
+    return anchors
+
+
 def centers_array(centers, dim: int, name: str = "centers") -> jax.Array:
     """``centers`` [num_classes, dim] float, matching the embeddings' dim."""
     c = float_array(centers, name, 2, f"[num_classes, {dim}]")

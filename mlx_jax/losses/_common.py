@@ -13,25 +13,35 @@ from mlx_jax import _checks, blockwise, distances, mining, reductions
 
 class Batch(NamedTuple):
     """A checked batch: embeddings [B, D] in compute dtype, labels [B] int, weights [B] float,
-    valid [B] bool (weight > 0)."""
+    valid [B] bool (weight > 0), and anchor_weights [B] float: the weights of the terms each
+    sample anchors (``weights``, or 0 where ``anchors`` is False)."""
 
     embeddings: jax.Array
     labels: jax.Array
     weights: jax.Array
     valid: jax.Array
+    anchor_weights: jax.Array
 
 
-def prepare_batch(embeddings, labels, weights=None, *, num_classes: int | None = None) -> Batch:
-    """Checks ``embeddings`` [B, D], ``labels`` [B] and ``weights`` [B] (None → ones).
+def prepare_batch(
+    embeddings, labels, weights=None, *, num_classes: int | None = None, anchors=None
+) -> Batch:
+    """Checks ``embeddings`` [B, D], ``labels`` [B], ``weights`` [B] (None → ones) and
+    ``anchors`` [B] bool (None → every sample).
 
     A sample's weight scales the loss terms it anchors; a zero weight excludes the sample
     everywhere (as anchor, positive, negative or pair partner), so padded and sharded batches
-    are exact.
+    are exact. A sample with ``anchors`` False anchors no term but still serves as the partner
+    (positive or negative) of the anchors: the reference-set form of a loss, as cross-batch
+    memory (:mod:`mlx_jax.memory`) uses it.
     """
     x = _checks.embeddings_array(embeddings)
     y = _checks.labels_array(labels, x.shape[0], num_classes=num_classes)
     w = _checks.sample_weights(weights, x.shape[0], x.dtype)
-    return Batch(x, y, w, w > 0)
+    anchor_weights = (
+        w if anchors is None else jnp.where(_checks.anchors_array(anchors, x.shape[0]), w, 0.0)
+    )
+    return Batch(x, y, w, w > 0, anchor_weights)
 
 
 class Rows(NamedTuple):
@@ -76,7 +86,7 @@ def map_anchor_rows(
     def call(index, x, labels, weights, *extra):
         return fn(Rows(index, x, labels, weights, weights > 0, every_row), *extra)
 
-    args = (batch.embeddings, batch.labels, batch.weights, *row_args)
+    args = (batch.embeddings, batch.labels, batch.anchor_weights, *row_args)
     return blockwise.map_row_blocks(call, args, block_size=block_size)
 
 
@@ -158,8 +168,8 @@ def reduce_pair_terms(
         jnp.arange(batch.labels.shape[0]),
         batch.embeddings,
         batch.labels,
-        batch.weights,
-        batch.valid,
+        batch.anchor_weights,
+        batch.anchor_weights > 0,
         every_row=True,
     )
     result = pair_rows(rows, batch, positive_terms, negative_terms, reduction)

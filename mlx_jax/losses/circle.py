@@ -18,6 +18,7 @@ def circle_loss(
     m: float = 0.25,
     gamma: float = 256.0,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -48,6 +49,10 @@ def circle_loss(
         defaults to m = 0.4, γ = 80.
       weights: optional [B] per-sample weights; an anchor's term is weighted by the anchor's
         weight, and a zero-weight sample is excluded everywhere (anchor, positive, negative).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over anchors; pytorch-metric-learning's
         default (``AvgNonZeroReducer``) is ``"mean_nonzero"``. ``"none"`` returns the [B]
         per-anchor weighted losses (0 for anchors without a term).
@@ -60,7 +65,7 @@ def circle_loss(
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.non_negative(m, "m")
     _checks.positive(gamma, "gamma")
     reductions.check_reduction(reduction)

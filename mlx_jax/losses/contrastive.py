@@ -20,6 +20,7 @@ def contrastive_loss(
     neg_margin: float | None = None,
     balance: reductions.Balance = "pairs",
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -46,6 +47,10 @@ def contrastive_loss(
         and negative pairs separately and adds the two (PML's convention).
       weights: optional [B] per-sample weights; a pair's weight is its first sample's weight,
         and zero-weight samples are excluded from every pair.
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`; PML's default is ``"mean_nonzero"``. Each
         unordered pair counts twice, as (i, j) and (j, i) (PML does the same), which
         ``"mean"`` cancels and ``"sum"`` does not.
@@ -59,7 +64,7 @@ def contrastive_loss(
     Returns:
       float32 scalar (or [B, B] for ``reduction="none"``).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.non_negative(margin, "margin")
     _checks.choice(balance, "balance", reductions.BALANCES)
     reductions.check_reduction(reduction)

@@ -123,6 +123,7 @@ def ntxent_loss(
     *,
     temperature: float = 0.07,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -154,6 +155,10 @@ def ntxent_loss(
         CIFAR-10 (Appendix B.9), and compares τ from 0.05 to 1 in its Table 5.
       weights: optional [B] per-sample weights; a pair's weight is its anchor's weight, and a
         zero-weight sample is excluded everywhere (anchor, positive, negative).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over positive pairs. ``"mean"`` (default) is
         pytorch-metric-learning's ``NTXentLoss`` with its default ``MeanReducer``: the
         average over all positive pairs. ``"none"`` returns the [B, B] matrix of weighted pair
@@ -167,7 +172,7 @@ def ntxent_loss(
     Returns:
       scalar (or [B, B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _check_temperature(temperature)
     reductions.check_reduction(reduction)
     normalized = l2_normalize(batch.embeddings)
@@ -193,6 +198,7 @@ def supcon_loss(
     *,
     temperature: float = 0.1,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -228,6 +234,10 @@ def supcon_loss(
         pytorch-metric-learning's ``SupConLoss`` default.
       weights: optional [B] per-sample weights; an anchor's term is weighted by the anchor's
         weight, and a zero-weight sample is excluded everywhere (anchor, positive, A(i)).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over anchors with positives. ``"none"``
         returns the [B] per-anchor weighted losses (0 for anchors without a term).
       block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
@@ -239,7 +249,7 @@ def supcon_loss(
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _check_temperature(temperature)
     reductions.check_reduction(reduction)
     normalized = l2_normalize(batch.embeddings)

@@ -43,6 +43,7 @@ def multi_similarity_loss(
     base: float = 0.5,
     epsilon: float = 0.1,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
     mining: Mining = None,
@@ -91,6 +92,10 @@ def multi_similarity_loss(
       weights: optional [B] per-sample weights; an anchor's term is weighted by the anchor's
         weight, and a zero-weight sample is excluded everywhere (anchor, positive, negative, and
         the mining's hardest pairs).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over anchors. ``"mean"`` (default) is Eq. 11
         and PML's ``MeanReducer`` (its default for this loss): the weighted mean over all valid
         anchors. ``"mean_nonzero"`` averages over anchors whose loss is > 0, i.e. those with at
@@ -105,7 +110,7 @@ def multi_similarity_loss(
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.positive(alpha, "alpha")
     _checks.positive(beta, "beta")
     _checks.non_negative(epsilon, "epsilon")

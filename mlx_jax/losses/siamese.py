@@ -18,6 +18,7 @@ def siamese_cosine_loss(
     negative_target: float = -0.9,
     balance: reductions.Balance = "pairs",
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
 ) -> jax.Array:
     """Squared error between each pair's cosine and its target (Bromley, Guyon, LeCun,
@@ -42,13 +43,17 @@ def siamese_cosine_loss(
         and negative pairs separately and adds the two (pytorch-metric-learning's convention).
       weights: optional [B] per-sample weights; a pair's weight is its first sample's weight,
         and zero-weight samples are excluded from every pair.
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`. ``"none"`` returns the [B, B] matrix of
         weighted pair losses (0 on the diagonal).
 
     Returns:
       scalar (or [B, B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     cosine = cosine_similarity(batch.embeddings)
     positive_terms = jnp.square(cosine - positive_target)
     negative_terms = jnp.square(cosine - negative_target)

@@ -41,6 +41,7 @@ def triplet_loss(
     soft: bool = False,
     semihard_fallback: mining_lib.SemihardFallback = "farthest",
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     max_positives: int | None = DEFAULT_MAX_POSITIVES,
     block_size: blockwise.BlockSize = "auto",
@@ -91,6 +92,10 @@ def triplet_loss(
       semihard_fallback: ``"farthest"`` (default) or ``"drop"``; only for ``"semihard"``.
       weights: optional [B] per-sample weights; a triplet's weight is its anchor's weight and
         zero-weight samples are never anchor, positive or negative.
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: ``"mean"`` over mined triplets (default; TF's semi-hard loss averages over
         anchor-positive pairs the same way), ``"sum"`` (FaceNet's Σ), ``"mean_nonzero"``
         (PML's default ``AvgNonZeroReducer``) or ``"none"``.
@@ -107,7 +112,7 @@ def triplet_loss(
     Returns:
       float32 scalar (or the per-term array described above for ``reduction="none"``).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.choice(mining, "mining", MINING)
     reductions.check_reduction(reduction)
     _checks.non_negative(margin, "margin")
