@@ -24,6 +24,26 @@ LOSSES = {
     "arcface": functools.partial(L.arcface_loss, class_weights=KERNEL),
     "cosface": functools.partial(L.cosface_loss, class_weights=KERNEL),
     "sphereface": functools.partial(L.sphereface_loss, class_weights=KERNEL),
+    "multi_similarity": L.multi_similarity_loss,
+    "ntxent": L.ntxent_loss,
+    "supcon": L.supcon_loss,
+    "lifted_structure": L.lifted_structure_loss,
+    "generalized_lifted_structure": L.generalized_lifted_structure_loss,
+    "npairs": L.npairs_loss,
+    "angular": L.angular_loss,
+    "margin": functools.partial(L.margin_loss, beta=np.float32(1.2)),
+    "tuplet_margin": L.tuplet_margin_loss,
+    "fast_ap": L.fast_ap_loss,
+    "proxy_anchor": functools.partial(L.proxy_anchor_loss, proxies=KERNEL),
+    "proxy_nca": functools.partial(L.proxy_nca_loss, proxies=KERNEL),
+    "normalized_softmax": functools.partial(L.normalized_softmax_loss, class_weights=KERNEL),
+    "soft_triple": functools.partial(
+        L.soft_triple_loss, centers=np.ones((2, 6), np.float32), centers_per_class=2
+    ),
+    "sub_center_arcface": functools.partial(
+        L.sub_center_arcface_loss, class_weights=np.ones((2, 6), np.float32), sub_centers=2
+    ),
+    "large_margin_softmax": functools.partial(L.large_margin_softmax_loss, class_weights=KERNEL),
 }
 
 CASES = [

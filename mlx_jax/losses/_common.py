@@ -187,3 +187,14 @@ def masked_logsumexp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax
     keep = mask | ~has_any[:, None]
     safe = jnp.where(keep, jnp.where(mask, logits, 0.0), -jnp.inf)
     return jnp.where(has_any, jax.nn.logsumexp(safe, axis=1), 0.0), has_any
+
+
+def log_one_plus_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Row-wise log(1 + Σ_{j: mask[i, j]} exp(logits[i, j])) = softplus(masked logsumexp).
+
+    Max-subtracted (:func:`masked_logsumexp`), so no scale overflows; an empty row is log 1 = 0
+    with zero gradients. The "1 +" form of Multi-Similarity, N-pair, Proxy Anchor and the
+    angular losses.
+    """
+    log_sum, has_any = masked_logsumexp(logits, mask)
+    return jnp.where(has_any, jax.nn.softplus(log_sum), 0.0)

@@ -10,28 +10,11 @@ import jax.numpy as jnp
 
 from mlx_jax import _checks, blockwise, reductions
 from mlx_jax.distances import l2_normalize
-from mlx_jax.losses._common import Rows, map_anchor_rows, prepare_batch
+from mlx_jax.losses._common import Rows, log_one_plus_sum_exp, map_anchor_rows, prepare_batch
 from mlx_jax.mining import multi_similarity_pairs_rows
 
 Mining = Literal["multi_similarity"] | None
 MININGS: tuple[str | None, ...] = (None, "multi_similarity")
-
-
-def _log_one_plus_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Row-wise log(1 + Σ_{j: mask[i, j]} exp(logits[i, j])), i.e. a logsumexp over the row's
-    entries and one extra 0 logit (the "1").
-
-    Shifted by m = max(0, max of the row's entries), so no exp overflows:
-    m + log(exp(−m) + Σ exp(z − m)), written m + log1p(expm1(−m) + Σ exp(z − m)) so that a tiny
-    sum (m = 0) is not lost to 1 + s rounding. Entries outside ``mask`` become −inf *before* the
-    exp (exp(−inf) = 0 with a zero gradient, so no inf·0 appears in the backward pass); an empty
-    row gives log(1) = 0 with zero gradients.
-    """
-    shift = jax.lax.stop_gradient(
-        jnp.maximum(jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1), 0.0)
-    )
-    terms = jnp.exp(jnp.where(mask, logits - shift[:, None], -jnp.inf))
-    return shift + jnp.log1p(jnp.expm1(-shift) + jnp.sum(terms, axis=1))
 
 
 def multi_similarity_loss(
@@ -127,8 +110,8 @@ def multi_similarity_loss(
             positive, negative = multi_similarity_pairs_rows(
                 similarity, positive, negative, epsilon=epsilon
             )
-        positive_part = _log_one_plus_sum_exp(-alpha * (similarity - base), positive) / alpha
-        negative_part = _log_one_plus_sum_exp(beta * (similarity - base), negative) / beta
+        positive_part = log_one_plus_sum_exp(-alpha * (similarity - base), positive) / alpha
+        negative_part = log_one_plus_sum_exp(beta * (similarity - base), negative) / beta
         return positive_part + negative_part, rows.weights
 
     losses, anchor_weight = map_anchor_rows(per_rows, batch, block_size)

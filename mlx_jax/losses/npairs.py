@@ -39,6 +39,7 @@ from mlx_jax.distances import HIGHEST, l2_normalize
 from mlx_jax.losses._common import (
     Batch,
     Rows,
+    log_one_plus_sum_exp,
     map_anchor_rows,
     masked_logsumexp,
     pair_row_sums,
@@ -102,13 +103,6 @@ def _first_pairs(labels: jax.Array, valid: jax.Array) -> _FirstPairs:
         jnp.zeros(size, jnp.int32).at[order].set(partner),
         jnp.zeros(size, bool).at[order].set(positive),
     )
-
-
-def _log1p_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Row-wise log(1 + Σ_{j: mask} exp(logits)) = softplus(logsumexp), max-subtracted; an
-    empty row gives 0 with zero gradient."""
-    log_sum, has_any = masked_logsumexp(logits, mask)
-    return jnp.where(has_any, jax.nn.softplus(log_sum), 0.0)
 
 
 TermsFn = Callable[[Rows, _Tuples], jax.Array]
@@ -419,7 +413,7 @@ def angular_loss(
             )
             keep = mask[:, :, None] & tuples.negative[:, None, :]
             shape = logits.shape
-            flat = _log1p_sum_exp(logits.reshape(-1, shape[2]), keep.reshape(-1, shape[2]))
+            flat = log_one_plus_sum_exp(logits.reshape(-1, shape[2]), keep.reshape(-1, shape[2]))
             return flat.reshape(shape[:2])
 
         return _over_positive_chunks(chunk_terms, tuples)
