@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from mlx_jax import _checks, reductions
 from mlx_jax.blockwise import check_block_size
-from mlx_jax.losses._common import Batch, masked_logsumexp, prepare_batch
+from mlx_jax.losses._common import Batch, log_one_plus_sum_exp, prepare_batch
 from mlx_jax.losses.margin_softmax import combined_margin_loss, cosine_logits
 from mlx_jax.losses.softmax import target_mask
 
@@ -67,18 +67,6 @@ def _cosine_softmax_loss(batch: Batch, p, scale, reduction, class_block_size) ->
         reduction=reduction,
         class_block_size=class_block_size,
     )
-
-
-def _log_one_plus_sum_exp(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Row-wise log(1 + Σ_{j: mask[i, j]} exp(logits[i, j])): a max-shifted logsumexp over the
-    row's entries and one extra 0 logit (the "1"), so no scale overflows; an empty row gives
-    log 1 = 0 with zero gradients."""
-    one = jnp.zeros_like(logits[:, :1])
-    lse, _ = masked_logsumexp(
-        jnp.concatenate([one, logits], axis=1),
-        jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1),
-    )
-    return lse
 
 
 def proxy_anchor_loss(
@@ -153,8 +141,8 @@ def proxy_anchor_loss(
     # w·exp(z) = exp(z + log w); zero weights are masked out, their log is never taken
     log_w = jnp.log(jnp.where(batch.valid, batch.weights, 1.0))[:, None]
     positive, negative = (same_class & valid).T, (~same_class & valid).T  # [C, B]
-    positive_terms = _log_one_plus_sum_exp((log_w - alpha * (cosines - delta)).T, positive)
-    negative_terms = _log_one_plus_sum_exp((log_w + alpha * (cosines + delta)).T, negative)
+    positive_terms = log_one_plus_sum_exp((log_w - alpha * (cosines - delta)).T, positive)
+    negative_terms = log_one_plus_sum_exp((log_w + alpha * (cosines + delta)).T, negative)
     if reduction == "none":
         return jnp.stack([positive_terms, negative_terms])
     positive_total, negative_total = jnp.sum(positive_terms), jnp.sum(negative_terms)
