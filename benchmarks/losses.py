@@ -142,17 +142,24 @@ CENTER_ALPHA = 0.5
 class Problem:
     """One benchmark input, float32 NumPy, identical for both libraries.
 
-    ``params`` is W [D, C] for class heads, the centers [C, D] for center losses, None for pair
-    losses.
+    ``params`` is W [D, C·K] for class heads (K columns per class), the centers [C, D] for center
+    losses, None for pair losses; ``paired`` is the second view [B, D] of two-view losses.
     """
 
     x: np.ndarray
     labels: np.ndarray
     params: np.ndarray | None
+    paired: np.ndarray | None = None
 
 
 def make_problem(
-    kind: str, batch: int, dim: int, classes: int | None, per_class: int, seed: int
+    kind: str,
+    batch: int,
+    dim: int,
+    classes: int | None,
+    per_class: int,
+    seed: int,
+    columns_per_class: int = 1,
 ) -> Problem:
     """Clustered embeddings: ``per_class`` samples per class (the last class may be smaller),
     x = 0.6·μ_y + 0.4·noise with μ, noise ~ N(0, I/D), so distances are O(1): margins are
@@ -162,7 +169,9 @@ def make_problem(
     ones half aligned with their μ (0.5·μ + 0.5·noise): the target cosine is ≈ 0.6, so margin
     losses are O(1) as mid-training. (With W = μ every sample is classified with a huge margin,
     the loss is ~1e-5 and float32 cannot compute it to 1e-4 on either side.) The batch's classes
-    are a random subset of the C classes (or wrap around when B / per_class > C).
+    are a random subset of the C classes (or wrap around when B / per_class > C). Heads with
+    K > 1 columns per class (sub-centers) get K perturbed copies of each class's column.
+    Two-view losses get a second view 0.8·x + 0.2·noise of the same scale.
     """
     rng = np.random.default_rng(seed)
     n_local = -(-batch // per_class)
@@ -173,6 +182,10 @@ def make_problem(
     x = (0.6 * means[local] + 0.4 * noise).astype(np.float32)
     if kind == "pair":
         return Problem(x, local.astype(np.int32), None)
+    if kind in ("views", "view_stats"):
+        noise = rng.standard_normal((batch, dim), dtype=np.float32) * scale
+        paired = (0.8 * x + 0.2 * noise).astype(np.float32)
+        return Problem(x, local.astype(np.int32), None, paired)
     assert classes is not None
     if n_local <= classes:
         ids = rng.choice(classes, size=n_local, replace=False)
@@ -182,7 +195,11 @@ def make_problem(
     params = rng.standard_normal((classes, dim), dtype=np.float32) * scale
     params[ids] = 0.5 * means + 0.5 * params[ids]
     if kind == "head":
-        params = np.ascontiguousarray(params.T)  # W [D, C]
+        if columns_per_class > 1:  # class-major: column c·K + k
+            copies = np.repeat(params, columns_per_class, axis=0)
+            noise = rng.standard_normal(copies.shape, dtype=np.float32) * scale
+            params = (0.8 * copies + 0.2 * noise).astype(np.float32)
+        params = np.ascontiguousarray(params.T)  # W [D, C·K]
     return Problem(x, labels, params)
 
 
@@ -218,6 +235,15 @@ def block_size_options(block_size: BlockSizeArg) -> dict[str, Any]:
 def _pair_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
     def step(x: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         return jax.value_and_grad(lambda e: loss(e, labels))(x)
+
+    return step
+
+
+def _views_step(loss: Callable[..., jax.Array]) -> Callable[..., Any]:
+    """Loss and gradients w.r.t. both views (two-view losses have no labels)."""
+
+    def step(x: jax.Array, paired: jax.Array) -> tuple[jax.Array, Any]:
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, paired)
 
     return step
 
@@ -290,28 +316,59 @@ def _pml_pair(make_loss, make_miner=None) -> Callable[[Problem, Torch], PmlCall]
     return build
 
 
-def _pml_head(loss_class: str, **options: float) -> Callable[[Problem, Torch], PmlCall]:
-    """PML's ``losses.<loss_class>`` with a MeanReducer (our heads' "mean"), W copied from ours."""
+def _pml_head(
+    loss_class: str,
+    *,
+    param: str = "W",
+    transpose: bool = False,
+    columns_per_class: int = 1,
+    reducer: str | None = "MeanReducer",
+    **options: float,
+) -> Callable[[Problem, Torch], PmlCall]:
+    """PML's ``losses.<loss_class>`` (with ``reducer``, None: PML's default), its parameter
+    ``param`` copied from our W [D, C·K] (transposed to [C, D] for PML's proxies)."""
 
     def build(problem: Problem, t: Torch) -> PmlCall:
         assert problem.params is not None
-        dim, classes = problem.params.shape
+        dim, columns = problem.params.shape
+        extra = {} if reducer is None else {"reducer": getattr(t.reducers, reducer)()}
         with warnings.catch_warnings():  # PML's SphereFace init trips a NumPy 2 deprecation
             warnings.simplefilter("ignore", DeprecationWarning)
             loss_fn = getattr(t.losses, loss_class)(
-                num_classes=classes,
+                num_classes=columns // columns_per_class,
                 embedding_size=dim,
-                reducer=t.reducers.MeanReducer(),
+                **extra,
                 **options,
             )
-        loss_fn.W.data = t.torch.from_numpy(problem.params.copy())
+        weights = getattr(loss_fn, param)
+        values = problem.params.T if transpose else problem.params
+        weights.data = t.torch.from_numpy(np.ascontiguousarray(values))
         emb = t.torch.tensor(problem.x, requires_grad=True)
         labels = t.torch.from_numpy(problem.labels.astype(np.int64))
 
         def call():
             emb.grad = None
-            loss_fn.W.grad = None
+            weights.grad = None
             loss = loss_fn(emb, labels)
+            loss.backward()
+            return loss
+
+        return call
+
+    return build
+
+
+def _pml_views(make_loss) -> Callable[[Problem, Torch], PmlCall]:
+    """PML's two-view loss ``loss(emb, ref_emb=...)``, gradients w.r.t. both views."""
+
+    def build(problem: Problem, t: Torch) -> PmlCall:
+        emb = t.torch.tensor(problem.x, requires_grad=True)
+        ref = t.torch.tensor(problem.paired, requires_grad=True)
+        loss_fn = make_loss(t)
+
+        def call():
+            emb.grad = ref.grad = None
+            loss = loss_fn(emb, ref_emb=ref)
             loss.backward()
             return loss
 
@@ -353,7 +410,9 @@ class LossSpec:
     """One benchmarked loss: our step, PML's equivalent (None: ours only) and its floor."""
 
     name: str
-    kind: str  # "pair" (labels only), "head" (W [D, C]), "center" (centers [C, D])
+    # "pair" (labels only), "head" (W [D, C·K]), "center" (centers [C, D]), "views" and
+    # "view_stats" (two views [B, D], no labels; the second kind works on batch statistics)
+    kind: str
     ours: str  # how ours is called (for the report)
     step: Callable[..., Any] | None = None  # center losses; pair losses and heads derive theirs
     pml: str | None = None
@@ -361,6 +420,9 @@ class LossSpec:
     pml_bytes: Callable[[int, int, int, int], float] | None = None  # (B, D, C, per_class)
     head_loss: Callable[..., jax.Array] | None = None  # class heads: loss(x, y, W, **options)
     pair_loss: Callable[..., jax.Array] | None = None  # pair losses: loss(x, y, **options)
+    view_loss: Callable[..., jax.Array] | None = None  # two-view losses: loss(x, x2, **options)
+    columns_per_class: int = 1  # heads: K columns of W per class (class-major)
+    class_blocks: bool = True  # heads: takes class_block_size=
 
     def step_for(
         self, class_block_size: int | None, block_size: BlockSizeArg = None
@@ -369,14 +431,24 @@ class LossSpec:
         losses get ``block_size`` (see :func:`block_size_options`)."""
         if self.pair_loss is not None:
             return _pair_step(functools.partial(self.pair_loss, **block_size_options(block_size)))
+        if self.view_loss is not None:
+            options = {} if self.kind == "view_stats" else block_size_options(block_size)
+            return _views_step(functools.partial(self.view_loss, **options))
         if self.head_loss is not None:
-            return param_step(functools.partial(self.head_loss, class_block_size=class_block_size))
+            options = {"class_block_size": class_block_size} if self.class_blocks else {}
+            return param_step(functools.partial(self.head_loss, **options))
         assert self.step is not None, f"{self.name}: give step, pair_loss or head_loss"
         return self.step
 
     @property
     def floor(self) -> str:
-        return {"pair": "x @ x.T", "head": "x @ W", "center": "x @ centers.T"}[self.kind]
+        return {
+            "pair": "x @ x.T",
+            "head": "x @ W",
+            "center": "x @ centers.T",
+            "views": "x @ y.T",
+            "view_stats": "x.T @ y",
+        }[self.kind]
 
 
 def _cosface(x, y, w, **options):
@@ -425,6 +497,211 @@ def _triplet(mining: str):
 
 def _circle(x, y, **options):
     return L.circle_loss(x, y, m=CIRCLE_M, gamma=CIRCLE_GAMMA, reduction="mean_nonzero", **options)
+
+
+def _pml_reduced(loss_class: str, reducer: str | None = None, **options: Any):
+    """PML pair loss ``loss_class(**options)`` with ``reducer`` (None: its default), on
+    unnormalized Euclidean distances where the loss takes a distance."""
+
+    def make(t: Torch):
+        extra = {} if reducer is None else {"reducer": getattr(t.reducers, reducer)()}
+        return getattr(t.losses, loss_class)(**extra, **options)
+
+    return make
+
+
+def _pml_lp(loss_class: str, reducer: str | None = None, **options: Any):
+    def make(t: Torch):
+        return _pml_reduced(loss_class, reducer, distance=_lp(t), **options)(t)
+
+    return make
+
+
+def _pair_spec(
+    name: str, ours: str, loss: Callable[..., jax.Array], pml: str | None, make_pml=None, **kw
+) -> LossSpec:
+    """A pair loss; PML's side (if any) built by ``make_pml(t)`` with the same B² estimate."""
+    return LossSpec(
+        name=name,
+        kind="pair",
+        ours=ours,
+        pair_loss=loss,
+        pml=pml,
+        pml_build=None if make_pml is None else _pml_pair(make_pml, kw.pop("make_miner", None)),
+        pml_bytes=None
+        if make_pml is None
+        else kw.pop("pml_bytes", lambda b, d, c, k: _pml_pairs_bytes(b)),
+        **kw,
+    )
+
+
+MARGIN_BETA = 1.2  # Wu et al. 2017's initial β, PML's default
+
+
+BREADTH_SPECS: tuple[LossSpec, ...] = (
+    _pair_spec(
+        "multi_similarity",
+        "multi_similarity_loss(mining='multi_similarity')",
+        lambda x, y, **o: L.multi_similarity_loss(x, y, mining="multi_similarity", **o),
+        "MultiSimilarityLoss() + MultiSimilarityMiner()",
+        _pml_reduced("MultiSimilarityLoss"),
+        make_miner=lambda t: t.miners.MultiSimilarityMiner(),
+    ),
+    _pair_spec(
+        "ntxent",
+        "ntxent_loss(reduction='mean_nonzero')",
+        lambda x, y, **o: L.ntxent_loss(x, y, reduction="mean_nonzero", **o),
+        "NTXentLoss()",
+        _pml_reduced("NTXentLoss"),
+    ),
+    _pair_spec(
+        "supcon",
+        "supcon_loss()",
+        L.supcon_loss,
+        "SupConLoss()",
+        _pml_reduced("SupConLoss"),
+    ),
+    _pair_spec(
+        "lifted_structure",
+        "lifted_structure_loss()",
+        L.lifted_structure_loss,
+        "LiftedStructureLoss(), LpDistance(normalize=False)",
+        _pml_lp("LiftedStructureLoss"),
+    ),
+    _pair_spec(
+        "generalized_lifted_structure",
+        "generalized_lifted_structure_loss()",
+        L.generalized_lifted_structure_loss,
+        "GeneralizedLiftedStructureLoss(), LpDistance(normalize=False)",
+        _pml_lp("GeneralizedLiftedStructureLoss"),
+    ),
+    _pair_spec(
+        "margin",
+        f"margin_loss(β = {MARGIN_BETA}, reduction='mean_nonzero')",
+        lambda x, y, **o: L.margin_loss(
+            x, y, jnp.float32(MARGIN_BETA), reduction="mean_nonzero", **o
+        ),
+        "MarginLoss()",
+        _pml_reduced("MarginLoss"),
+        pml_bytes=lambda b, d, c, k: _pml_semihard_bytes(b, k),
+    ),
+    _pair_spec(
+        "tuplet_margin",
+        "tuplet_margin_loss()",
+        L.tuplet_margin_loss,
+        "TupletMarginLoss(), MeanReducer",
+        _pml_reduced("TupletMarginLoss", "MeanReducer"),
+    ),
+    _pair_spec(
+        "npairs",
+        "npairs_loss()",
+        L.npairs_loss,
+        "NPairsLoss()",
+        _pml_reduced("NPairsLoss"),
+    ),
+    _pair_spec(
+        "angular",
+        "angular_loss()",
+        L.angular_loss,
+        "AngularLoss()",
+        _pml_reduced("AngularLoss"),
+        pml_bytes=lambda b, d, c, k: _pml_semihard_bytes(b, k),
+    ),
+    _pair_spec(
+        "fast_ap",
+        "fast_ap_loss()",
+        L.fast_ap_loss,
+        "FastAPLoss()",
+        _pml_reduced("FastAPLoss"),
+        pml_bytes=lambda b, d, c, k: 30.0 * _pml_pairs_bytes(b),  # B×B×bins tensors
+    ),
+    LossSpec(
+        name="clip",
+        kind="views",
+        ours="clip_loss()",
+        view_loss=L.clip_loss,
+    ),
+    LossSpec(
+        name="siglip",
+        kind="views",
+        ours="siglip_loss()",
+        view_loss=L.siglip_loss,
+    ),
+    LossSpec(
+        name="vicreg",
+        kind="view_stats",
+        ours="vicreg_loss(variance_weight=12.5) (PML halves the variance term)",
+        view_loss=lambda a, b: L.vicreg_loss(a, b, variance_weight=12.5),
+        pml="VICRegLoss()",
+        pml_build=_pml_views(lambda t: t.losses.VICRegLoss()),
+        pml_bytes=lambda b, d, c, k: 40.0 * (b * d + d * d),
+    ),
+    LossSpec(
+        name="barlow_twins",
+        kind="view_stats",
+        ours="barlow_twins_loss()",
+        view_loss=L.barlow_twins_loss,
+    ),
+    LossSpec(
+        name="proxy_anchor",
+        kind="head",
+        ours="proxy_anchor_loss()",
+        head_loss=L.proxy_anchor_loss,
+        class_blocks=False,
+        pml="ProxyAnchorLoss() (proxies [C, D])",
+        pml_build=_pml_head("ProxyAnchorLoss", param="proxies", transpose=True, reducer=None),
+        pml_bytes=_pml_head_bytes,
+    ),
+    LossSpec(
+        name="proxy_nca",
+        kind="head",
+        ours="proxy_nca_loss()",
+        head_loss=L.proxy_nca_loss,
+        pml="ProxyNCALoss() (proxies [C, D])",
+        pml_build=_pml_head("ProxyNCALoss", param="proxies", transpose=True, reducer=None),
+        pml_bytes=_pml_head_bytes,
+    ),
+    LossSpec(
+        name="normalized_softmax",
+        kind="head",
+        ours="normalized_softmax_loss()",
+        head_loss=L.normalized_softmax_loss,
+        pml="NormalizedSoftmaxLoss()",
+        pml_build=_pml_head("NormalizedSoftmaxLoss", reducer=None),
+        pml_bytes=_pml_head_bytes,
+    ),
+    LossSpec(
+        name="large_margin_softmax",
+        kind="head",
+        ours="large_margin_softmax_loss()",
+        head_loss=L.large_margin_softmax_loss,
+        pml="LargeMarginSoftmaxLoss(), MeanReducer",
+        pml_build=_pml_head("LargeMarginSoftmaxLoss"),
+        pml_bytes=_pml_head_bytes,
+    ),
+    LossSpec(
+        name="sub_center_arcface",
+        kind="head",
+        ours="sub_center_arcface_loss(sub_centers=3)",
+        head_loss=L.sub_center_arcface_loss,
+        columns_per_class=3,
+        pml="SubCenterArcFaceLoss(margin=28.6479 degrees), MeanReducer",
+        pml_build=_pml_head(
+            "SubCenterArcFaceLoss", columns_per_class=3, margin=math.degrees(0.5), scale=64.0
+        ),
+        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, 3 * c, k),
+    ),
+    LossSpec(
+        name="soft_triple",
+        kind="head",
+        ours="soft_triple_loss(centers_per_class=10, tau=0) (PML's default has no regularizer)",
+        head_loss=functools.partial(L.soft_triple_loss, centers_per_class=10, tau=0.0),
+        columns_per_class=10,
+        pml="SoftTripleLoss() (fc [D, C·10])",
+        pml_build=_pml_head("SoftTripleLoss", param="fc", columns_per_class=10, reducer=None),
+        pml_bytes=lambda b, d, c, k: _pml_head_bytes(b, d, 10 * c, k),
+    ),
+)
 
 
 SPECS: tuple[LossSpec, ...] = (
@@ -528,6 +805,7 @@ SPECS: tuple[LossSpec, ...] = (
         step=param_step(lambda x, y, c: L.triplet_center_loss(x, y, c)),
     ),
 )
+SPECS = SPECS + BREADTH_SPECS
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
 
@@ -541,6 +819,8 @@ def device_args(spec: LossSpec, problem: Problem) -> tuple[jax.Array, ...]:
     labels = jnp.asarray(problem.labels)
     if spec.kind == "pair":
         return (x, labels)
+    if spec.kind in ("views", "view_stats"):
+        return (x, jnp.asarray(problem.paired))
     return (x, jnp.asarray(problem.params), labels)
 
 
@@ -549,6 +829,10 @@ def _floor_fn(kind: str) -> Callable[..., jax.Array]:
         return lambda x: x @ x.T
     if kind == "head":
         return lambda x, w: x @ w
+    if kind == "views":
+        return lambda x, y: x @ y.T
+    if kind == "view_stats":
+        return lambda x, y: x.T @ y
     return lambda x, c: x @ c.T
 
 
@@ -687,7 +971,9 @@ def bench_one(
 ) -> Row:
     """Compiles, checks the memory guard, and times ours, the floor and PML in blocks."""
     row = Row(spec.name, batch, dim, classes, spec.floor)
-    problem = make_problem(spec.kind, batch, dim, classes, args.per_class, args.seed)
+    problem = make_problem(
+        spec.kind, batch, dim, classes, args.per_class, args.seed, spec.columns_per_class
+    )
     limit = args.max_gb * GIB
     arrays = device_args(spec, problem)
     ours = compile_step(spec.step_for(args.class_block_size, args.block_size), arrays)
@@ -780,6 +1066,7 @@ def rss_worker() -> None:
             config["classes"],
             job["per_class"],
             job["seed"],
+            spec.columns_per_class,
         )
         out: dict[str, Any] = {"index": config["index"]}
         if config["ours"]:
@@ -1147,7 +1434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         for batch in args.batch:
             for dim in args.dim:
-                for classes in [None] if spec.kind == "pair" else args.classes:
+                labelled_classes = spec.kind in ("head", "center")
+                for classes in args.classes if labelled_classes else [None]:
                     row = bench_one(spec, batch, dim, classes, args, t, pml_reason)
                     rows.append(row)
                     log(

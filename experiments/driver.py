@@ -153,6 +153,8 @@ def build_model(
         centers=objective.centers,
         trainable_centers=config.center_update == "sgd",
         rngs=rngs,
+        class_weights_per_class=objective.class_weights_per_class,
+        loss_params=objective.loss_params(num_classes) if objective.loss_params else None,
     )
 
 
@@ -246,14 +248,18 @@ def make_train_step(config: Config, graphdef):
     alpha_centers = objective.centers and config.center_update == "alpha"
     axis = _batch_axis(config)
 
-    def step_on_shard(state: TrainState, x, y):
+    def step_on_shard(state: TrainState, x, y, *views):
         model, optimizer = nnx.merge(graphdef, state.graph)
 
         def loss_fn(model):
             features = model(x)
             batch_features, batch_labels = parallel.gather_batch((features, y), axis)
+            # Two-view losses see the second view's embeddings too, gathered the same way.
+            paired = {}
+            if views:
+                paired["paired"] = parallel.gather_batch(model(views[0]), axis)
             terms = objective.terms(
-                model, batch_features, batch_labels, state.step, config.loss_config
+                model, batch_features, batch_labels, state.step, config.loss_config, **paired
             )
             terms = parallel.mean_over_devices(terms, axis)
             return sum(terms.values()), (features, terms)
@@ -290,13 +296,21 @@ def make_train_step(config: Config, graphdef):
 
     if axis is not None:
         mesh = parallel.data_mesh(num_devices(config))
-        step_on_shard = parallel.data_parallel(step_on_shard, mesh, batch_argnums=(1, 2))
+        batch_argnums = (1, 2, 3) if objective.two_views else (1, 2)
+        step_on_shard = parallel.data_parallel(step_on_shard, mesh, batch_argnums=batch_argnums)
 
     def train_step(state: TrainState, images, labels, order, index):
         idx = order[index]
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-        batch = augment(images[idx], key, config.augment, config.max_shift)
-        return step_on_shard(state, batch, labels[idx])
+        if not objective.two_views:
+            batch = augment(images[idx], key, config.augment, config.max_shift)
+            return step_on_shard(state, batch, labels[idx])
+        # Two independently augmented views of the same images (shifts at least: two
+        # identical views would make the invariance terms trivial).
+        kind = config.augment if config.augment != "none" else "shift"
+        first, second = jax.random.split(key)
+        views = [augment(images[idx], k, kind, config.max_shift) for k in (first, second)]
+        return step_on_shard(state, views[0], labels[idx], views[1])
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -307,6 +321,8 @@ def _batch_correct(objective: Objective, model, features, labels) -> jax.Array:
         scores = model.classifier(features)
     elif objective.accuracy == "cosine":
         scores = model.class_weights(features)
+    elif objective.accuracy == "linear":
+        scores = model.class_weights.logits(features)
     elif objective.accuracy == "centers":
         c = model.centers()
         scores = -jnp.sum((features[:, None, :] - c[None]) ** 2, axis=-1)
@@ -379,6 +395,9 @@ def closed_set_metrics(
         result["argmax_accuracy"] = metrics.argmax_accuracy(model.classifier(test_f), test_y)
     if objective.class_weights:
         result["cosine_accuracy"] = metrics.argmax_accuracy(model.class_weights(test_f), test_y)
+    if objective.accuracy == "linear":
+        logits = model.class_weights.logits(test_f)
+        result["linear_accuracy"] = metrics.argmax_accuracy(logits, test_y)
     if objective.centers:
         result["center_accuracy"] = metrics.nearest_center_accuracy(test_f, test_y, model.centers())
     means = metrics.class_means(train_f, train_y, num_classes)
@@ -391,6 +410,7 @@ def closed_set_metrics(
     primary = {
         "argmax": "argmax_accuracy",
         "cosine": "cosine_accuracy",
+        "linear": "linear_accuracy",
         "centers": "center_accuracy",
         "class_means": "class_mean_accuracy",
     }[objective.accuracy]

@@ -217,7 +217,9 @@ class SmallResNet(nnx.Module):
 
 class EmbeddingModel(nnx.Module):
     """Backbone plus the heads a loss needs: ``classifier`` (linear, softmax family),
-    ``class_weights`` (margin losses), ``centers`` (center family)."""
+    ``class_weights`` (margin and proxy losses, ``class_weights_per_class`` columns per class),
+    ``centers`` (center family) and ``loss_params`` (a loss's own trained values, e.g. the
+    margin loss's β)."""
 
     def __init__(
         self,
@@ -230,11 +232,21 @@ class EmbeddingModel(nnx.Module):
         centers: bool,
         trainable_centers: bool,
         rngs: nnx.Rngs,
+        class_weights_per_class: int = 1,
+        loss_params: dict[str, jax.Array] | None = None,
     ):
         self.backbone = backbone
         self.classifier = nnx.Linear(feat_dim, num_classes, rngs=rngs) if classifier else None
         self.class_weights = (
-            ClassWeights(feat_dim, num_classes, rngs=rngs) if class_weights else None
+            ClassWeights(feat_dim, num_classes, per_class=class_weights_per_class, rngs=rngs)
+            if class_weights
+            else None
+        )
+        # Trained scalars or vectors of the loss itself (margin loss's β), by name.
+        self.loss_params = (
+            nnx.Dict({k: nnx.Param(jnp.asarray(v)) for k, v in loss_params.items()})
+            if loss_params
+            else None
         )
         self.centers = (
             CenterStore(

@@ -24,18 +24,32 @@ class Centers(nnx.Variable):
 
 
 class ClassWeights(nnx.Module):
-    """Class weights W [dim, num_classes] for margin-softmax losses.
+    """Class weights W [dim, num_classes·per_class] for margin-softmax and proxy losses.
 
     Glorot-normal initialised; the losses normalize each column, so only directions matter.
+    ``per_class`` > 1 holds several columns per class in class-major order (column c·K + k is
+    sub-center / center k of class c), as Sub-center ArcFace and SoftTriple use them.
     """
 
-    def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_classes: int, *, per_class: int = 1, rngs: nnx.Rngs):
         init = jax.nn.initializers.glorot_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (dim, num_classes), jnp.float32))
+        self.per_class = per_class
+        shape = (dim, num_classes * per_class)
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
 
     def __call__(self, embeddings: jax.Array) -> jax.Array:
-        """cos θ [B, C] between L2-normalized embeddings and L2-normalized class columns."""
-        return cosine_logits(embeddings, self.kernel[...])
+        """cos θ [B, C] between L2-normalized embeddings and L2-normalized class columns (the
+        largest over a class's ``per_class`` columns)."""
+        cosines = cosine_logits(embeddings, self.kernel[...])
+        if self.per_class == 1:
+            return cosines
+        return jnp.max(cosines.reshape(cosines.shape[0], -1, self.per_class), axis=2)
+
+    def logits(self, embeddings: jax.Array) -> jax.Array:
+        """x·W [B, C]: the linear logits (L-Softmax predicts by them); ``per_class`` must be 1."""
+        if self.per_class != 1:
+            raise ValueError("linear logits need one column per class (per_class = 1)")
+        return embeddings @ self.kernel[...]
 
 
 class CenterStore(nnx.Module):

@@ -290,10 +290,9 @@ X1, Y1, W1 = np.ones((4, 3), np.float32), np.zeros(4, np.int32), np.ones((3, 2),
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
-        ((X1, Y1, W1), dict(margin=2.5), TypeError, "margin must be a positive int"),
-        ((X1, Y1, W1), dict(margin=4.0), TypeError, "margin must be a positive int"),
-        ((X1, Y1, W1), dict(margin=True), TypeError, "margin must be a positive int"),
-        ((X1, Y1, W1), dict(margin=0), ValueError, "margin must be >= 1"),
+        ((X1, Y1, W1), dict(margin=2.5), ValueError, "margin must be an integer >= 1"),
+        ((X1, Y1, W1), dict(margin=True), ValueError, "margin must be an integer >= 1"),
+        ((X1, Y1, W1), dict(margin=0), ValueError, "margin must be an integer >= 1"),
         ((X1, Y1, W1), dict(scale=0.0), ValueError, "scale must be > 0"),
         ((X1, Y1, W1), dict(annealing_lambda=-1.0), ValueError, "annealing_lambda must be >= 0"),
         ((X1, Y1, W1), dict(reduction="avg"), ValueError, "reduction must be one of"),
@@ -357,3 +356,13 @@ def test_matches_pml(pml, seed, margin, scale):
     np.testing.assert_allclose(value, loss.item(), rtol=1e-10)
     for ours, theirs in ((gx, emb.grad.numpy()), (gw, loss_fn.W.grad.numpy())):
         np.testing.assert_allclose(ours, theirs, rtol=1e-8, atol=1e-10 * np.abs(theirs).max())
+
+
+def test_integral_float_margin_is_the_integer_margin():
+    # as SphereFace: 4.0 is m = 4 (one check, margin_softmax.integer_margin, for both)
+    x = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
+    w = np.random.default_rng(4).normal(size=(3, 2)).astype(np.float32)
+    y = np.array([0, 1, 1, 0], np.int32)
+    np.testing.assert_array_equal(
+        large_margin_softmax_loss(x, y, w, margin=4.0), large_margin_softmax_loss(x, y, w, margin=4)
+    )

@@ -9,8 +9,6 @@ the class weights are normalized, so the class-weight norms stay in the logits.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -19,22 +17,13 @@ from mlx_jax.blockwise import check_block_size
 from mlx_jax.distances import HIGHEST, l2_normalize, safe_sqrt
 from mlx_jax.losses import class_blocks
 from mlx_jax.losses._common import prepare_batch
-from mlx_jax.losses.margin_softmax import margin_cross_entropy
+from mlx_jax.losses.margin_softmax import (
+    integer_margin,
+    margin_cross_entropy,
+    multiplicative_margin_psi,
+)
 
 __all__ = ["large_margin_softmax_loss"]
-
-
-def _psi(cos_y: jax.Array, m: int) -> jax.Array:
-    """ψ(θ) = (−1)^k·cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m], k ∈ {0, …, m − 1} (Liu et al.
-    2016, Eq. 6). cos(mθ) is the Chebyshev polynomial T_m(cos θ) (the paper's multiple-angle
-    formula, Eq. 7), so no arccos is on the gradient path; k is piecewise constant and is
-    computed without gradient (θ = π gives k = m − 1: ψ is continuous, 1 − 2m, either way)."""
-    theta = jax.lax.stop_gradient(jnp.arccos(jnp.clip(cos_y, -1.0, 1.0)))
-    k = jax.lax.stop_gradient(jnp.clip(jnp.floor(m * theta / math.pi), 0.0, m - 1.0))
-    previous, chebyshev = jnp.ones_like(cos_y), cos_y  # T_0, T_1
-    for _ in range(m - 1):
-        previous, chebyshev = chebyshev, 2.0 * cos_y * chebyshev - previous
-    return (1.0 - 2.0 * jnp.mod(k, 2.0)) * chebyshev - 2.0 * k
 
 
 def large_margin_softmax_loss(
@@ -94,7 +83,7 @@ def large_margin_softmax_loss(
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
     """
-    m = _checks.positive_int(margin, "margin")
+    m = integer_margin(margin)
     _checks.positive(scale, "scale")
     _checks.non_negative(annealing_lambda, "annealing_lambda")
     reductions.check_reduction(reduction)
@@ -113,7 +102,9 @@ def large_margin_softmax_loss(
     # target logit / s: ‖W_y‖‖x‖·ψ(θ_y); the other logits / s are x·W_j, so the blocks take the
     # raw x and W where the normalized heads take x̂ and ŵ, with the fixed row scale s
     cos_y = class_blocks.target_cosines(l2_normalize(x, axis=1), l2_normalize(w, axis=0), y)
-    penalized = (annealing_lambda * cos_y + _psi(cos_y, m)) / (1.0 + annealing_lambda)
+    penalized = (annealing_lambda * cos_y + multiplicative_margin_psi(cos_y, m)) / (
+        1.0 + annealing_lambda
+    )
     x_norm = safe_sqrt(jnp.sum(x * x, axis=1))
     w_norm_y = _checks.gather_rows(safe_sqrt(jnp.sum(w * w, axis=0)), y)
     target = x_norm * w_norm_y * penalized

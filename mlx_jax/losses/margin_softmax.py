@@ -53,6 +53,8 @@ __all__ = [
     "combined_margin_target",
     "cosface_loss",
     "cosine_logits",
+    "integer_margin",
+    "multiplicative_margin_psi",
     "sphereface_lambda",
     "sphereface_loss",
 ]
@@ -430,14 +432,16 @@ def cosface_loss(
     )
 
 
-def _integer_margin(margin) -> int:
+def integer_margin(margin, name: str = "margin") -> int:
+    """The multiplicative angular margin m as an int >= 1 (4 and 4.0 are accepted; SphereFace's
+    and L-Softmax's m), else ``ValueError`` naming ``name``."""
     integral_float = isinstance(margin, float | np.floating) and float(margin).is_integer()
     if (
         isinstance(margin, bool)
         or not (isinstance(margin, numbers.Integral | np.integer) or integral_float)
         or int(margin) < 1
     ):
-        raise ValueError(f"margin must be an integer >= 1 (SphereFace's m), got {margin!r}")
+        raise ValueError(f"{name} must be an integer >= 1 (the angular margin m), got {margin!r}")
     return int(margin)
 
 
@@ -451,8 +455,15 @@ def _chebyshev(c: jax.Array, degree: int) -> jax.Array:
     return current
 
 
-def _sphereface_psi(cos_y: jax.Array, m: int) -> jax.Array:
-    """ψ(θ) = (−1)^k·cos(mθ) − 2k, k = floor(mθ/π) ∈ [0, m − 1] (Liu et al. 2017, Eq. 7)."""
+def multiplicative_margin_psi(cos_y: jax.Array, m: int) -> jax.Array:
+    """ψ(θ) = (−1)^k·cos(mθ) − 2k for θ ∈ [kπ/m, (k+1)π/m], k ∈ {0, …, m − 1}: the
+    multiplicative angular margin of L-Softmax (Liu et al. 2016, Eq. 6) and SphereFace (Liu et
+    al. 2017, Eq. 7), continuous and monotonically decreasing on [0, π].
+
+    cos(mθ) is the Chebyshev polynomial T_m(cos θ) (the multiple-angle formula), so no arccos is
+    on the gradient path; k is piecewise constant and computed without gradient (θ = π gives
+    k = m − 1: ψ is 1 − 2m either way).
+    """
     theta = jax.lax.stop_gradient(jnp.arccos(jnp.clip(cos_y, -1.0, 1.0)))
     k = jax.lax.stop_gradient(jnp.clip(jnp.floor(m * theta / math.pi), 0.0, m - 1.0))
     sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
@@ -502,7 +513,7 @@ def sphereface_loss(
     Returns:
       float32 (or wider) scalar, or [B] for ``reduction="none"``.
     """
-    m = _integer_margin(margin)
+    m = integer_margin(margin)
     _checks.non_negative(annealing_lambda, "annealing_lambda")
     reductions.check_reduction(reduction)
     if scale is not None:
@@ -511,7 +522,9 @@ def sphereface_loss(
     x, y, w, sample_w = _check_inputs(embeddings, labels, class_weights, weights)
 
     def penalize(cos_y):
-        return (annealing_lambda * cos_y + _sphereface_psi(cos_y, m)) / (1.0 + annealing_lambda)
+        return (annealing_lambda * cos_y + multiplicative_margin_psi(cos_y, m)) / (
+            1.0 + annealing_lambda
+        )
 
     if scale is None:
         row_scale = safe_sqrt(jnp.sum(x * x, axis=1, keepdims=True))
