@@ -252,12 +252,17 @@ def make_train_step(config: Config, graphdef):
         model, optimizer = nnx.merge(graphdef, state.graph)
 
         def loss_fn(model):
-            features = model(x)
-            batch_features, batch_labels = parallel.gather_batch((features, y), axis)
-            # Two-view losses see the second view's embeddings too, gathered the same way.
             paired = {}
             if views:
-                paired["paired"] = parallel.gather_batch(model(views[0]), axis)
+                # Both views in one forward pass (as SimCLR batches them): one convolution per
+                # layer rather than two that XLA could run at once, which hangs oneDNN's.
+                both = model(jnp.concatenate([x, views[0]]))
+                features, second = both[: x.shape[0]], both[x.shape[0] :]
+                # Two-view losses see the second view's embeddings, gathered the same way.
+                paired["paired"] = parallel.gather_batch(second, axis)
+            else:
+                features = model(x)
+            batch_features, batch_labels = parallel.gather_batch((features, y), axis)
             terms = objective.terms(
                 model, batch_features, batch_labels, state.step, config.loss_config, **paired
             )
