@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jax
 
 from mlx_jax import losses as L
+from mlx_jax.distances import l2_normalize
 
 Terms = dict[str, jax.Array]
 SOFT_TRIPLE_K = 10  # SoftTriple's centers per class (Qian et al. 2019; PML's default)
@@ -107,12 +108,15 @@ def _supcon(model, f, y, step, cfg):
     return {"supcon": L.supcon_loss(f, y, **_kw(temperature=cfg.scale))}
 
 
+# The lifted losses see unit vectors, as with PML's default distance: on raw embeddings a
+# network can drive them to 0 by scaling every embedding up.
 def _lifted_structure(model, f, y, step, cfg):
-    return {"lifted_structure": L.lifted_structure_loss(f, y, **_kw(neg_margin=cfg.margin))}
+    loss = L.lifted_structure_loss(l2_normalize(f), y, **_kw(neg_margin=cfg.margin))
+    return {"lifted_structure": loss}
 
 
 def _generalized_lifted_structure(model, f, y, step, cfg):
-    loss = L.generalized_lifted_structure_loss(f, y, **_kw(neg_margin=cfg.margin))
+    loss = L.generalized_lifted_structure_loss(l2_normalize(f), y, **_kw(neg_margin=cfg.margin))
     return {"generalized_lifted_structure": loss}
 
 
@@ -302,15 +306,18 @@ OBJECTIVES: dict[str, Objective] = {
             "lifted_structure",
             _lifted_structure,
             "class_means",
+            metric="cosine",
             balanced_batches=True,
-            help="lifted structured loss (Song et al. 2016), margin 1",
+            help="lifted structured loss (Song et al. 2016) on unit embeddings, margin 1",
         ),
         Objective(
             "generalized_lifted_structure",
             _generalized_lifted_structure,
             "class_means",
+            metric="cosine",
             balanced_batches=True,
-            help="generalized lifted structure loss (Hermans et al. 2017), margin 1",
+            help="generalized lifted structure loss (Hermans et al. 2017) on unit embeddings, "
+            "margin 1",
         ),
         Objective(
             "npairs",
@@ -436,7 +443,7 @@ OBJECTIVES: dict[str, Objective] = {
             "linear",
             metric="cosine",
             class_weights=True,
-            help="L-Softmax (Liu et al. 2016), m 4, λ annealed from 1000 as the authors' Caffe layer",
+            help="L-Softmax (Liu et al. 2016), m 4, λ annealed from 1000 as in the authors' code",
         ),
         Objective(
             "sphereface",
