@@ -395,6 +395,13 @@ def _pml_semihard_bytes(batch: int, per_class: int) -> float:
     return cube + 100.0 * triplets + 30.0 * batch * batch
 
 
+def _pml_pos_neg_bytes(batch: int, per_class: int) -> float:
+    # GenericPairLoss subclasses that compare every positive pair with every negative pair
+    # (NT-Xent, lifted structure, tuplet margin) build [P, N] float and bool tensors:
+    # P = B·(k − 1) positive and N = B·(B − k) negative pairs, ~12 bytes per entry.
+    return 12.0 * batch * (per_class - 1) * batch * (batch - per_class)
+
+
 def _pml_head_bytes(batch: int, dim: int, classes: int, per_class: int) -> float:
     # ~12 float32 [B, C] tensors (cosines, float mask, logits, softmax, their gradients) + W grad.
     return 48.0 * batch * classes + 8.0 * dim * classes
@@ -422,6 +429,9 @@ class LossSpec:
     pair_loss: Callable[..., jax.Array] | None = None  # pair losses: loss(x, y, **options)
     view_loss: Callable[..., jax.Array] | None = None  # two-view losses: loss(x, x2, **options)
     columns_per_class: int = 1  # heads: K columns of W per class (class-major)
+    unit_inputs: bool = (
+        False  # both sides get L2-normalized embeddings (where PML's math differs off the sphere)
+    )
     class_blocks: bool = True  # heads: takes class_block_size=
 
     def step_for(
@@ -553,6 +563,7 @@ BREADTH_SPECS: tuple[LossSpec, ...] = (
         lambda x, y, **o: L.ntxent_loss(x, y, reduction="mean_nonzero", **o),
         "NTXentLoss()",
         _pml_reduced("NTXentLoss"),
+        pml_bytes=lambda b, d, c, k: _pml_pos_neg_bytes(b, k),
     ),
     _pair_spec(
         "supcon",
@@ -567,6 +578,7 @@ BREADTH_SPECS: tuple[LossSpec, ...] = (
         L.lifted_structure_loss,
         "LiftedStructureLoss(), LpDistance(normalize=False)",
         _pml_lp("LiftedStructureLoss"),
+        pml_bytes=lambda b, d, c, k: _pml_pos_neg_bytes(b, k),
     ),
     _pair_spec(
         "generalized_lifted_structure",
@@ -591,6 +603,7 @@ BREADTH_SPECS: tuple[LossSpec, ...] = (
         L.tuplet_margin_loss,
         "TupletMarginLoss(), MeanReducer",
         _pml_reduced("TupletMarginLoss", "MeanReducer"),
+        pml_bytes=lambda b, d, c, k: _pml_pos_neg_bytes(b, k),
     ),
     _pair_spec(
         "npairs",
@@ -603,8 +616,9 @@ BREADTH_SPECS: tuple[LossSpec, ...] = (
         "angular",
         "angular_loss()",
         L.angular_loss,
-        "AngularLoss()",
+        "AngularLoss() (unit inputs: PML leaves negatives unnormalized)",
         _pml_reduced("AngularLoss"),
+        unit_inputs=True,
         pml_bytes=lambda b, d, c, k: _pml_semihard_bytes(b, k),
     ),
     _pair_spec(
@@ -960,6 +974,17 @@ def _median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
+def spec_problem(
+    spec: LossSpec, batch: int, dim: int, classes: int | None, per_class: int, seed: int
+) -> Problem:
+    """The inputs of ``spec`` (:func:`make_problem`, unit rows where ``spec.unit_inputs``)."""
+    problem = make_problem(spec.kind, batch, dim, classes, per_class, seed, spec.columns_per_class)
+    if not spec.unit_inputs:
+        return problem
+    unit = problem.x / np.linalg.norm(problem.x, axis=1, keepdims=True)
+    return dataclasses.replace(problem, x=unit.astype(np.float32))
+
+
 def bench_one(
     spec: LossSpec,
     batch: int,
@@ -971,9 +996,7 @@ def bench_one(
 ) -> Row:
     """Compiles, checks the memory guard, and times ours, the floor and PML in blocks."""
     row = Row(spec.name, batch, dim, classes, spec.floor)
-    problem = make_problem(
-        spec.kind, batch, dim, classes, args.per_class, args.seed, spec.columns_per_class
-    )
+    problem = spec_problem(spec, batch, dim, classes, args.per_class, args.seed)
     limit = args.max_gb * GIB
     arrays = device_args(spec, problem)
     ours = compile_step(spec.step_for(args.class_block_size, args.block_size), arrays)
@@ -1002,9 +1025,19 @@ def bench_one(
             row.pml_status = f"skipped: estimated {estimate / GIB:.1f} GiB > --max-gb"
         else:
             call = spec.pml_build(problem, t)
+            start = time.perf_counter()
             row.pml_loss = float(call().detach())
+            first_s = time.perf_counter() - start
             row.pml_status = "ok"
-            sides["pml"] = call
+            if first_s > args.slow_call_s:
+                # Minutes per call at B = 1024 for PML's per-pair Python loops: one more call
+                # is the measurement (its median of one), marked in the table.
+                start = time.perf_counter()
+                call()
+                row.pml_times_ms = [1e3 * (time.perf_counter() - start)]
+                row.pml_ms = row.pml_times_ms[0]
+            else:
+                sides["pml"] = call
 
     times = timed_blocks(sides, args.repeats, args.block, args.pause, args.warmup, args.settle)
     if "ours" in times:
@@ -1059,14 +1092,8 @@ def rss_worker() -> None:
         t.torch.set_num_threads(job["threads"])
     for config in job["configs"]:
         spec = SPEC_BY_NAME[config["loss"]]
-        problem = make_problem(
-            spec.kind,
-            config["batch"],
-            config["dim"],
-            config["classes"],
-            job["per_class"],
-            job["seed"],
-            spec.columns_per_class,
+        problem = spec_problem(
+            spec, config["batch"], config["dim"], config["classes"], job["per_class"], job["seed"]
         )
         out: dict[str, Any] = {"index": config["index"]}
         if config["ours"]:
@@ -1164,6 +1191,8 @@ def format_table(rows: list[Row], with_pml: bool, with_rss: bool) -> str:
         cells.append(ours_ms)
         if with_pml:
             pml_ms = _ms(r, "pml", r.pml_ms, ".2f") if r.pml_status == "ok" else r.pml_status
+            if r.pml_status == "ok" and len(r.pml_times_ms) == 1:
+                pml_ms += "¹"  # one call: slower than --slow-call-s
             cells += [pml_ms, _fmt(r.pml_over_ours, ".2f")]
         cells += [
             f"`{r.floor}`",
@@ -1355,6 +1384,13 @@ def build_parser() -> argparse.ArgumentParser:
         "allowed CPUs",
     )
     p.add_argument(
+        "--slow-call-s",
+        type=float,
+        default=5.0,
+        help="a PML call slower than this many seconds (its first, untimed one) is timed once, "
+        "alone, instead of --repeats times in blocks (marked ¹ in the table)",
+    )
+    p.add_argument(
         "--max-gb",
         type=float,
         default=8.0,
@@ -1456,6 +1492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if any(r.noisy(side) for r in rows for side in ("ours", "floor", "pml")):
         notes.append(NOISY_NOTE)
+    if any(r.pml_status == "ok" and len(r.pml_times_ms) == 1 for r in rows):
+        notes.append(
+            f"¹ one timed PML call: its first call took more than --slow-call-s "
+            f"({args.slow_call_s:g} s), so it was timed once, alone"
+        )
     meta = metadata(args, argv, threads, t)
     table = format_table(rows, with_pml=t is not None, with_rss=args.rss)
     print(table)
