@@ -90,6 +90,10 @@ struct Arg {
 
 // Runs p on XLA's buffers, reordering each into (or out of) the layout p chose where they differ.
 void Run(const Primitive& p, std::initializer_list<Arg> args, int64_t threads) {
+  // One convolution at a time: XLA may run two independent convolutions of a program at once
+  // (e.g. two forward passes), and two concurrent executions of one cached primitive hung.
+  static std::mutex running;
+  std::lock_guard<std::mutex> lock(running);
   omp_set_num_threads(static_cast<int>(threads));  // as when p was created (Cached)
   dnnl::stream stream(Engine());
   std::unordered_map<int, memory> bound;

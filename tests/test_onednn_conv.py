@@ -144,6 +144,33 @@ def test_the_driver_trains_the_same_with_either_convolution(data_dir, tmp_path):
         assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 160 + 1e-9
 
 
+TWO_PASSES = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from experiments.models import LeNetPlusPlus
+model = LeNetPlusPlus(1, 8, width=4, conv="onednn", conv_threads=2, rngs=nnx.Rngs(0))
+a, b = (jnp.asarray(np.random.default_rng(s).normal(size=(32, 28, 28, 1)), jnp.float32) for s in (0, 1))
+step = nnx.jit(lambda m: nnx.value_and_grad(lambda m: jnp.sum(m(a) * m(b)))(m))
+for _ in range(100):
+    jax.block_until_ready(step(model)[0])
+print("done")
+"""
+
+
+@needs_onednn
+def test_independent_convolutions_in_one_program_do_not_hang():
+    # Two forward passes in one step: XLA may run their convolutions at once. Before the
+    # kernels ran one at a time this hung within a few dozen steps (a subprocess, so a
+    # regression fails by timeout instead of hanging the suite).
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_PASSES], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     ("x_shape", "w_shape", "dtype", "padding", "message"),
     [
