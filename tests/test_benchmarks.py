@@ -43,7 +43,8 @@ def test_one_row_per_loss_with_finite_positive_times(report):
     assert sorted(rows) == sorted(ALL_LOSSES)
     for name, r in rows.items():
         assert (r["batch"], r["dim"]) == (32, 8)
-        assert r["classes"] == (None if bench.SPEC_BY_NAME[name].kind == "pair" else 50)
+        labelled = bench.SPEC_BY_NAME[name].kind in ("head", "center")
+        assert r["classes"] == (50 if labelled else None)
         assert r["ours_status"] == "ok"
         for key in ("ours_ms", "floor_ms", "ours_compile_s"):
             assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
