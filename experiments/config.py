@@ -83,13 +83,15 @@ class LossConfig:
     )
     margin: float | None = option(
         None,
-        "loss margin (contrastive m, triplet α, triplet-center m, circle m, CosFace/ArcFace m); "
-        "unset: the loss's own default",
+        "loss margin (contrastive m, triplet α, triplet-center m, circle m, CosFace/ArcFace and "
+        "sub-center m, lifted negative margin, angular α in degrees, margin-loss α, tuplet β "
+        "in degrees, Proxy-Anchor δ, SoftTriple δ); unset: the loss's own default",
     )
     scale: float | None = option(
         None,
-        "loss scale (circle γ, CosFace/ArcFace/SphereFace s, NT-Xent/SupCon temperature τ); "
-        "unset: the loss's own default",
+        "loss scale (circle γ, CosFace/ArcFace/SphereFace/sub-center/tuplet/L-Softmax s, "
+        "NT-Xent/SupCon/normalized-softmax temperature τ, Proxy-Anchor α, Proxy-NCA scale, "
+        "SoftTriple λ); unset: the loss's own default",
     )
     mining: str = option(
         "semihard",
