@@ -6,6 +6,7 @@ tests/multidevice/test_memory.py."""
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 
 import jax
@@ -205,15 +206,18 @@ ANCHORED_LOSSES = [
     for name in L.__all__
     if name.endswith("_loss") and "anchors" in inspect.signature(getattr(L, name)).parameters
 ]
+EXTRA_ARGUMENTS = {"margin_loss": {"beta": np.float32(1.2)}}
 
 
 def test_pair_losses_take_anchors():
     names = {f.__name__ for f in ANCHORED_LOSSES}
     assert {"contrastive_loss", "triplet_loss", "multi_similarity_loss", "supcon_loss"} <= names
+    assert {"lifted_structure_loss", "margin_loss", "fast_ap_loss"} <= names
 
 
 @pytest.mark.parametrize("loss", ANCHORED_LOSSES, ids=lambda f: f.__name__)
 def test_anchors_keep_only_the_anchor_rows(loss):
+    loss = functools.partial(loss, **EXTRA_ARGUMENTS.get(loss.__name__, {}))
     x, y = random_batch(13, batch=12, dim=D, classes=3)
     anchors = np.arange(12) % 3 != 1
     every = np.asarray(loss(x, y, reduction="none"))

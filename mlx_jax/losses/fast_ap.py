@@ -53,6 +53,7 @@ def fast_ap_loss(
     *,
     num_bins: int = 10,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -97,6 +98,10 @@ def fast_ap_loss(
       weights: optional [B] per-sample weights; a query's term is weighted by the query's
         weight, and a zero-weight sample is excluded everywhere (as query, positive or
         negative). Nonzero weights do not weight the histograms.
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over queries with positives. ``"mean"``
         (default) is the paper's batch average and PML's ``MeanReducer``; ``"mean_nonzero"``
         averages over queries whose loss is > 0 (PML's ``AvgNonZeroReducer``). ``"none"``
@@ -110,7 +115,7 @@ def fast_ap_loss(
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     num_bins = _checks.positive_int(num_bins, "num_bins")
     reductions.check_reduction(reduction)
     # Rows of the normalized batch: rows.squared_distances gives d_qj of unit vectors.

@@ -43,6 +43,7 @@ def lifted_structure_loss(
     neg_margin: float = 1.0,
     pos_margin: float = 0.0,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -83,6 +84,10 @@ def lifted_structure_loss(
       weights: optional [B] per-sample weights; the ordered pair (i, j) has its first sample's
         weight w_i, and a zero-weight sample is excluded everywhere (from the pairs and from
         every N_k).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over ordered positive pairs. ``"mean"``
         (default) is Eq. 4; ``"sum"`` is Σ over unordered pairs of [J_ij]₊² (each ordered pair
         adds half); ``"mean_nonzero"`` averages over the pairs with J_ij > 0; ``"none"``
@@ -96,14 +101,16 @@ def lifted_structure_loss(
     Returns:
       scalar (or [B, B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     reductions.check_reduction(reduction)
 
     def negative_rows(rows: Rows):
         _, negative = rows.pair_masks(batch)
         return masked_logsumexp(neg_margin - _distances(rows, batch), negative)
 
-    negative_lse, has_negative = map_anchor_rows(negative_rows, batch, block_size)
+    # every sample's negatives, anchor or not: a pair (i, j) needs j's as well as i's
+    every_row = batch._replace(anchor_weights=batch.weights)
+    negative_lse, has_negative = map_anchor_rows(negative_rows, every_row, block_size)
 
     def pair_rows(rows: Rows, row_lse: jax.Array, row_has_negative: jax.Array):
         positive, _ = rows.pair_masks(batch)
@@ -129,6 +136,7 @@ def generalized_lifted_structure_loss(
     neg_margin: float = 1.0,
     pos_margin: float = 0.0,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -167,6 +175,10 @@ def generalized_lifted_structure_loss(
         pytorch-metric-learning).
       weights: optional [B] per-sample weights; an anchor's loss is weighted by the anchor's
         weight, and a zero-weight sample is excluded everywhere (anchor, positive, negative).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over anchors. ``"none"`` returns the [B]
         per-anchor weighted losses.
       block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
@@ -178,7 +190,7 @@ def generalized_lifted_structure_loss(
     Returns:
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     reductions.check_reduction(reduction)
 
     def per_rows(rows: Rows):

@@ -49,6 +49,7 @@ def margin_loss(
     margin: float = 0.2,
     nu: float = 0.0,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -118,6 +119,10 @@ def margin_loss(
       weights: optional [B] per-sample weights; a triplet's terms carry its anchor's weight,
         and a zero-weight sample is excluded everywhere (anchor, positive, negative, and the
         counts of positives and negatives).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: ``"mean"``, ``"sum"``, ``"mean_nonzero"`` or ``"none"`` (above).
       block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
         anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
@@ -131,7 +136,11 @@ def margin_loss(
     beta = _beta_array(beta)
     per_class = beta.ndim == 1
     batch = prepare_batch(
-        embeddings, labels, weights, num_classes=beta.shape[0] if per_class else None
+        embeddings,
+        labels,
+        weights,
+        num_classes=beta.shape[0] if per_class else None,
+        anchors=anchors,
     )
     _checks.non_negative(margin, "margin")
     _checks.non_negative(nu, "nu")

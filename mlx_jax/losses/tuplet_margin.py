@@ -36,6 +36,7 @@ def tuplet_margin_loss(
     margin: float = 5.73,
     scale: float = 64.0,
     weights: jax.Array | None = None,
+    anchors: jax.Array | None = None,
     reduction: reductions.Reduction = "mean",
     block_size: blockwise.BlockSize = "auto",
 ) -> jax.Array:
@@ -79,6 +80,10 @@ def tuplet_margin_loss(
       scale: s > 0, the logit scale; default 64, pytorch-metric-learning's default.
       weights: optional [B] per-sample weights; a pair's term carries its anchor's weight, and
         a zero-weight sample is excluded everywhere (anchor, positive, negative).
+      anchors: optional [B] bool, which samples anchor loss terms (None: every sample).
+        A sample with ``anchors`` False anchors nothing but is still a positive or
+        negative of the anchors: scoring a batch against a reference set, e.g. the
+        cross-batch memory of :func:`mlx_jax.memory.memory_loss`.
       reduction: see :mod:`mlx_jax.reductions`, over the positive pairs. ``"mean"``
         (default): the average over all positive pairs, PML's ``MeanReducer``. ``"none"``
         returns the [B, B] matrix of weighted pair terms (entry (a, p) for positive pairs, 0
@@ -92,7 +97,7 @@ def tuplet_margin_loss(
     Returns:
       scalar (or [B, B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
-    batch = prepare_batch(embeddings, labels, weights)
+    batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _check_margin(margin)
     _checks.positive(scale, "scale")
     reductions.check_reduction(reduction)
