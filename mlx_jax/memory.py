@@ -18,7 +18,7 @@ and is updated functionally; a training step is::
 The memory therefore never holds the current batch, so no anchor meets its own detached copy as
 a positive at distance 0, and every pair of two current samples is scored once, with gradients
 on both sides. (Enqueuing first, as pytorch-metric-learning's ``CrossBatchMemory`` did, pairs
-each anchor with its own copy and counts the batch's pairs twice; see its issues 24 and 478.)
+each anchor with its own copy and counts the batch's pairs twice: pytorch-metric-learning#24, #478.)
 Gradients never flow into the memory: its entries are constants (the paper's Eq. 5).
 
 **Anchors.** Only the current batch anchors loss terms; memory entries are positives and
@@ -32,7 +32,7 @@ used; until then :func:`memory_loss` equals the loss of the batch alone.
 **Several devices.** Inside ``jax.shard_map`` over a batch axis, pass ``axis_name``: the
 batches of all devices are gathered in device order (``all_gather(tiled=True)``) before they
 are scored and before they are enqueued, so every device holds the *same* memory, written in
-the same order (pytorch-metric-learning's per-GPU memories diverge, its issue 639), and the
+the same order (pytorch-metric-learning's per-GPU memories diverge: #639), and the
 loss and gradients equal the single-device run on the concatenated batch.
 """
 
