@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +40,26 @@ def check_grads_x64(fn, *args, order: int = 1, eps: float = 1e-6, tol: float = 1
 def permuted(seed: int, *arrays):
     perm = np.random.default_rng(seed).permutation(len(arrays[0]))
     return tuple(np.asarray(a)[perm] for a in arrays)
+
+
+def head_value_and_grads(loss):
+    """``value_and_grads(x, y, w, weights=None, **config)`` for a class-weight head
+    ``loss(x, y, w, *, weights, **config)``: jitted (one compilation per configuration and
+    shape) value and gradients w.r.t. the embeddings and the class weights."""
+
+    @functools.cache
+    def compiled(**config):
+        return jax.jit(
+            jax.value_and_grad(
+                lambda e, y, cw, s: loss(e, y, cw, weights=s, **config), argnums=(0, 2)
+            )
+        )
+
+    def value_and_grads(x, y, w, weights=None, **config):
+        if config.get("class_block_size", 0) is None:  # the default: one compilation for both
+            del config["class_block_size"]
+        if weights is None:  # ones: one compilation with and without weights
+            weights = np.ones(len(y), np.asarray(x).dtype)
+        return compiled(**config)(x, y, w, weights)
+
+    return value_and_grads

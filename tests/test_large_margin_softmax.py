@@ -14,7 +14,7 @@ import pytest
 from mlx_jax.losses.large_margin_softmax import large_margin_softmax_loss
 from mlx_jax.losses.margin_softmax import sphereface_lambda
 from mlx_jax.losses.softmax import softmax_loss
-from tests.helpers import check_grads_x64
+from tests.helpers import check_grads_x64, head_value_and_grads
 
 B, D, C = 12, 4, 5
 STATIC = ("margin", "scale", "annealing_lambda", "reduction", "class_block_size")
@@ -97,24 +97,7 @@ def every_reduction(x, y, w, weights):
     }
 
 
-@functools.cache
-def _value_and_grads_jit(**config):
-    return jax.jit(
-        jax.value_and_grad(
-            lambda e, y, cw, s: large_margin_softmax_loss(e, y, cw, weights=s, **config),
-            argnums=(0, 2),
-        )
-    )
-
-
-def value_and_grads(x, y, w, weights=None, **config):
-    """Jitted (one compilation per configuration and shape) value and gradients w.r.t. the
-    embeddings and the class weights."""
-    if config.get("class_block_size", 0) is None:  # the default: one compilation for both
-        del config["class_block_size"]
-    if weights is None:  # ones: one compilation with and without weights
-        weights = np.ones(len(y), np.asarray(x).dtype)
-    return _value_and_grads_jit(**config)(x, y, w, weights)
+value_and_grads = head_value_and_grads(large_margin_softmax_loss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from mlx_jax.losses.sub_center import (
     sub_center_counts,
     sub_center_outliers,
 )
-from tests.helpers import check_grads_x64
+from tests.helpers import check_grads_x64, head_value_and_grads
 
 B, D, C, K = 12, 4, 3, 3
 
@@ -144,24 +144,7 @@ def every_reduction(x, y, w, weights):
     }
 
 
-@functools.cache
-def _value_and_grads_jit(**config):
-    return jax.jit(
-        jax.value_and_grad(
-            lambda e, y, cw, s: sub_center_arcface_loss(e, y, cw, weights=s, **config),
-            argnums=(0, 2),
-        )
-    )
-
-
-def value_and_grads(x, y, w, weights=None, **config):
-    """Jitted (one compilation per configuration and shape) value and gradients w.r.t. the
-    embeddings and the class weights."""
-    if config.get("class_block_size", 0) is None:  # the default: one compilation for both
-        del config["class_block_size"]
-    if weights is None:  # ones: one compilation with and without weights
-        weights = np.ones(len(y), np.asarray(x).dtype)
-    return _value_and_grads_jit(**config)(x, y, w, weights)
+value_and_grads = head_value_and_grads(sub_center_arcface_loss)
 
 
 # ---------------------------------------------------------------------------------------------
