@@ -86,21 +86,31 @@ DATA_AXIS = "data"
 # ----------------------------------------------------------------------------- meshes, shardings
 
 
-def data_mesh(num_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` local devices (default: all), axis type Auto.
+def data_mesh(
+    num_devices: int | None = None,
+    axis_name: str = DATA_AXIS,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` of ``devices`` (default: all), axis type Auto.
 
     Args:
-      num_devices: how many of ``jax.local_devices()`` to use, in [1, local device count].
+      num_devices: how many of ``devices`` to use, in [1, len(devices)].
       axis_name: the mesh axis name (default ``"data"``).
+      devices: default ``jax.devices()``: every device of every process, in process order
+        (one process: its local devices). Under ``jax.distributed`` with several processes a
+        mesh must span every process's devices for a collective over all of them; pass
+        ``jax.local_devices()`` for a mesh of this process alone (e.g. evaluation).
 
     Returns:
-      ``jax.sharding.Mesh`` of shape {axis_name: num_devices}.
+      ``jax.sharding.Mesh`` of shape {axis_name: num_devices}; batch row order = device order,
+      so process p's devices hold a contiguous block of the global batch.
     """
-    devices = jax.local_devices()
+    devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_devices is None else num_devices
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= len(devices):
         raise ValueError(
-            f"num_devices must be an int in [1, {len(devices)}] (the local device count), got {n!r}"
+            f"num_devices must be an int in [1, {len(devices)}] (the device count), got {n!r}"
         )
     return jax.make_mesh((int(n),), (axis_name,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
