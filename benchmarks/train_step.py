@@ -6,14 +6,14 @@ Run ``python -m benchmarks.train_step --help`` for the flags. Default: losses ``
 
 What one timed step is
 ----------------------
-* **ours**: the driver's own jitted train step, built by the driver's functions as
-  ``python -m experiments.mnist`` builds it (``build_model``, ``build_optimizer``,
-  ``initial_state``, ``make_train_step``; one device): gather of the batch from device-resident
-  data by an index table, LeNet++ forward, loss, gradients, SGD (Nesterov momentum 0.9, weight
-  decay 5e-4, global-norm clipping 5, warm-up + cosine schedule), the centers' α update for
-  center losses, the divergence guard and the batch accuracy. Compiled ahead of time (the
-  compile time is reported), the train state is donated as in the driver, and each call waits
-  for the step's stats (``jax.block_until_ready``).
+* **ours**: the driver's own jitted train step, built by the driver's functions as ``python -m
+  experiments.mnist`` builds it (``build_model``, ``build_optimizer``, ``initial_state``,
+  ``make_train_step``; one device): the batch sliced from the epoch's device-resident batches
+  (``epoch_batches``, gathered once per epoch), LeNet++ forward, loss, gradients, SGD (Nesterov
+  momentum 0.9, weight decay 5e-4, global-norm clipping 5, warm-up + cosine schedule), the
+  centers' α update for center losses, the divergence guard and the batch accuracy. Compiled
+  ahead of time (the compile time is reported), the train state is donated as in the driver, and
+  each call waits for the step's stats (``jax.block_until_ready``).
 * **nnx pool** (``--nnx-pool``): the same step with ``nnx.max_pool`` instead of
   :func:`experiments.models.max_pool_2x2`, to compare the two pooling implementations in one
   run.
@@ -108,7 +108,6 @@ def ours_side(
     ``--conv``); ``nnx_pool`` traces it with ``nnx.max_pool`` in LeNet++ instead of
     ``max_pool_2x2``."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from experiments import driver, models
@@ -128,23 +127,23 @@ def ours_side(
     graphdef, graph = nnx.split((model, optimizer))
     params = sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     state = driver.place_on_devices(cfg, driver.initial_state(graph, cfg.objective))
-    images, labels, order = driver.place_on_devices(
-        cfg, tuple(jnp.asarray(a) for a in _data(batch, seed))
-    )
+    host_images, host_labels, order = _data(batch, seed)
+    images = driver.epoch_batches(cfg, host_images, order)
+    labels = driver.epoch_batches(cfg, host_labels, order)
     step = driver.make_train_step(cfg, graphdef)
     pool = models.max_pool_2x2
     if nnx_pool:
         models.max_pool_2x2 = lambda x: nnx.max_pool(x, (2, 2), (2, 2))
     try:
         start = time.perf_counter()
-        compiled = step.lower(state, images, labels, order, 0).compile()
+        compiled = step.lower(state, images, labels, 0).compile()
         compile_s = time.perf_counter() - start
     finally:
         models.max_pool_2x2 = pool
     box = {"state": state, "i": 0}
 
     def run():
-        box["state"], stats = compiled(box["state"], images, labels, order, box["i"])
+        box["state"], stats = compiled(box["state"], images, labels, box["i"])
         box["i"] = (box["i"] + 1) % STEPS_IN_DATA
         return jax.block_until_ready(stats)
 

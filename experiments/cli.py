@@ -19,7 +19,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import tuning
+from experiments import distributed, tuning
 from experiments.config import Config, ConfigError, LossConfig, flag
 
 # Exit codes: 2 bad configuration (as argparse), 3 no data, 4 diverged or refused to resume,
@@ -152,6 +152,14 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CODES["config"]
     tuning.apply(config.process_tuning)  # before JAX starts its backend
+    try:
+        grid = distributed.process_grid(
+            config.coordinator_address, config.num_processes, config.process_id
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CODES["config"]
+    distributed.initialize(grid)  # also before the backend starts
     from experiments import driver  # imports JAX: after the tuning
     from mlx_jax import data as data_lib
 

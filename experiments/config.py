@@ -221,10 +221,32 @@ class Config:
         None,
         "train data-parallel on the first N local devices; the loss sees the whole batch "
         "(exact global negatives); unset: all of them, or the most that divide both the batch "
-        "and the device count",
+        "and the device count; a multi-process run uses every device of every process",
         minimum=1,
         run_setting=True,
         metavar="N",
+    )
+    coordinator_address: str | None = option(
+        None,
+        "multi-process run (jax.distributed): process 0's HOST:PORT, the same for every "
+        "process (unset: $JAX_COORDINATOR_ADDRESS, else one process); see "
+        "experiments/distributed.py and python -m experiments.launch",
+        run_setting=True,
+        metavar="HOST:PORT",
+    )
+    num_processes: int | None = option(
+        None,
+        "multi-process run: how many processes (unset: $JAX_NUM_PROCESSES, else 1)",
+        minimum=1,
+        run_setting=True,
+        metavar="P",
+    )
+    process_id: int | None = option(
+        None,
+        "multi-process run: this process's index in [0, P) (unset: $JAX_PROCESS_ID)",
+        minimum=0,
+        run_setting=True,
+        metavar="I",
     )
     keep_checkpoints: int = option(
         3, "newest checkpoints kept (plus the best)", minimum=1, run_setting=True

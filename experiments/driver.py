@@ -43,9 +43,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from experiments import onednn_conv, tuning
+from experiments import distributed, onednn_conv, tuning
 from experiments import open_set as open_set_lib
 from experiments.augment import augment
 from experiments.config import Config, ConfigError, stored_differences
@@ -78,7 +79,17 @@ def default_devices(batch_size: int, available: int) -> int:
 
 
 def num_devices(config: Config) -> int:
-    """Data-parallel device count: ``config.devices`` (checked), else :func:`default_devices`."""
+    """Data-parallel device count: ``config.devices`` (checked), else :func:`default_devices`;
+    in a multi-process run every device of every process (:mod:`experiments.distributed`)."""
+    if jax.process_count() > 1:
+        total = jax.device_count()
+        if config.devices not in (None, total):
+            raise ConfigError(
+                f"--devices must be unset or {total} in a run of {jax.process_count()} "
+                f"processes (it uses every device of every process), got {config.devices}"
+            )
+        parallel.check_batch_divisible(config.batch_size, total, "--batch-size")
+        return total
     available = jax.local_device_count()
     if config.devices is None:
         return default_devices(config.batch_size, available)
@@ -95,11 +106,27 @@ def _batch_axis(config: Config) -> str | None:
 
 
 def place_on_devices(config: Config, tree):
-    """Host arrays to the device, replicated over the data-parallel mesh when there is one."""
+    """Host arrays to the device, replicated over the data-parallel mesh when there is one
+    (every process passes the same values)."""
     devices = num_devices(config)
     if devices == 1:
         return jax.tree.map(jnp.asarray, tree)
     return parallel.replicate(parallel.data_mesh(devices), tree)
+
+
+def epoch_batches(config: Config, source: np.ndarray, order: np.ndarray) -> jax.Array:
+    """``source[order]``: an epoch's batches [steps, batch, ...] of host rows ``source``.
+
+    With a data-parallel mesh the batch axis is split over it (``PartitionSpec(None, "data")``)
+    and each process gathers and sends only its own devices' rows
+    (``jax.make_array_from_callback``), so no device holds the whole training set."""
+    devices = num_devices(config)
+    if devices == 1:
+        return jnp.asarray(source[order])
+    mesh = parallel.data_mesh(devices)
+    sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
+    shape = (*order.shape, *source.shape[1:])
+    return jax.make_array_from_callback(shape, sharding, lambda index: source[order[index[:2]]])
 
 
 # ----------------------------------------------------------------------------- model and state
@@ -231,7 +258,9 @@ def initial_state(graph, objective: Objective) -> TrainState:
 
 
 def make_train_step(config: Config, graphdef):
-    """The jitted step ``(state, images, labels, order, index) -> (state, stats)``.
+    """The jitted step ``(state, images, labels, index) -> (state, stats)`` on batch ``index``
+    of an epoch's batches ``images`` [steps, batch, ...] and ``labels`` [steps, batch]
+    (:func:`epoch_batches`).
 
     ``stats`` is a [5] float32 vector, zero where the step was skipped (diverged): the loss,
     the batch's correct predictions (NaN without a scorer), whether the step was applied, the
@@ -304,18 +333,18 @@ def make_train_step(config: Config, graphdef):
         batch_argnums = (1, 2, 3) if objective.two_views else (1, 2)
         step_on_shard = parallel.data_parallel(step_on_shard, mesh, batch_argnums=batch_argnums)
 
-    def train_step(state: TrainState, images, labels, order, index):
-        idx = order[index]
+    def train_step(state: TrainState, images, labels, index):
+        batch_images, batch_labels = images[index], labels[index]
         key = jax.random.fold_in(jax.random.key(config.seed), state.step)
         if not objective.two_views:
-            batch = augment(images[idx], key, config.augment, config.max_shift)
-            return step_on_shard(state, batch, labels[idx])
+            batch = augment(batch_images, key, config.augment, config.max_shift)
+            return step_on_shard(state, batch, batch_labels)
         # Two independently augmented views of the same images (shifts at least: two
         # identical views would make the invariance terms trivial).
         kind = config.augment if config.augment != "none" else "shift"
         first, second = jax.random.split(key)
-        views = [augment(images[idx], k, kind, config.max_shift) for k in (first, second)]
-        return step_on_shard(state, views[0], labels[idx], views[1])
+        views = [augment(batch_images, k, kind, config.max_shift) for k in (first, second)]
+        return step_on_shard(state, views[0], batch_labels, views[1])
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -350,11 +379,14 @@ def make_embed(
 ) -> Embed:
     """``embed(graph, images, description) -> features``: the model of ``graphdef`` (eval
     mode) over chunks of images (one compiled shape: the last chunk is padded), split over
-    ``devices`` data-parallel devices, or on the first device with the whole graph moved
-    there when ``devices`` is 1; a progress bar named ``description`` on a terminal;
+    ``devices`` data-parallel devices of this process, or on its first device when
+    ``devices`` is 1 (the graph is copied there: in a multi-process run every process embeds
+    on its own devices, no collective); a progress bar named ``description`` on a terminal;
     ``check_stop`` runs between chunks."""
     chunk = -(-chunk // devices) * devices
-    sharding = parallel.batch_sharding(parallel.data_mesh(devices)) if devices > 1 else None
+    local = jax.local_devices()
+    mesh = parallel.data_mesh(devices, devices=local) if devices > 1 else None
+    sharding = parallel.batch_sharding(mesh) if mesh is not None else None
 
     @jax.jit
     def embed_chunk(graph, images):
@@ -362,8 +394,8 @@ def make_embed(
         return model(images)
 
     def embed(graph, images: np.ndarray, description: str) -> np.ndarray:
-        if sharding is None:  # not a replicated computation on every device
-            graph = jax.device_put(graph, jax.devices()[0])
+        placement = local[0] if mesh is None else parallel.replicated_sharding(mesh)
+        graph = jax.device_put(distributed.local_copy(graph), placement)
         out = []
         starts = range(0, len(images), chunk)
         for start in _progress(starts, description, config.quiet):
@@ -439,8 +471,6 @@ class Experiment:
     eval_graphdef: Any
     train_step: Callable
     embed: Embed
-    images: jax.Array  # training images on the devices
-    labels: jax.Array
     manager: ocp.CheckpointManager
     log: Callable[..., None]
     started: float
@@ -586,8 +616,8 @@ def prepare(
         None if config.dataset == "cifar10" else resolve_conv(config.conv, config.process_tuning)
     )
     # Evaluation: oneDNN runs faster on one device with every core as its threads than split
-    # over the devices; XLA's kernels run faster split.
-    eval_devices = 1 if kernels == "onednn" else devices
+    # over the devices; XLA's kernels run faster split. Each process evaluates on its own.
+    eval_devices = 1 if kernels == "onednn" else min(devices, jax.local_device_count())
     eval_model = build_model(
         config,
         image_shape,
@@ -599,9 +629,10 @@ def prepare(
         (eval_model, nnx.Optimizer(eval_model, build_optimizer(config, steps), wrt=nnx.Param))
     )
     conv = "" if kernels is None else f"; convolutions: {kernels}"
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log(
-        f"devices: {devices} × {jax.devices()[0].platform}, {config.batch_size // devices} "
-        f"images each{conv}"
+        f"devices: {devices} × {jax.devices()[0].platform}{processes}, "
+        f"{config.batch_size // devices} images each{conv}"
     )
     return Experiment(
         config=config,
@@ -613,8 +644,6 @@ def prepare(
         eval_graphdef=eval_graphdef,
         train_step=make_train_step(config, graphdef),
         embed=make_embed(eval_graphdef, config, eval_devices, check_stop=check_stop),
-        images=place_on_devices(config, dataset.train_images),
-        labels=place_on_devices(config, dataset.train_labels),
         manager=checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints),
         log=log,
         started=started,
@@ -666,9 +695,12 @@ def restore_or_start(exp: Experiment) -> tuple[TrainState, list[dict]]:
             ) from error
         history = [h for h in _read_history(workdir) if h["epoch"] <= latest]
         # said even with --quiet: what --resume found is part of the run's record
-        print(f"resumed from epoch {latest} (step {int(state.step)})", flush=True)
-    config_path.write_text(json.dumps(config.to_json(), indent=2))
-    exp.metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        if distributed.is_primary():
+            print(f"resumed from epoch {latest} (step {int(state.step)})", flush=True)
+    distributed.barrier("read the stored configuration and metrics")  # before they are rewritten
+    if distributed.is_primary():
+        config_path.write_text(json.dumps(config.to_json(), indent=2))
+        exp.metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     return state, history
 
 
@@ -714,14 +746,14 @@ def train_epoch(exp: Experiment, state: TrainState, epoch: int) -> tuple[TrainSt
     """
     config = exp.config
     t0 = time.time()
-    order = place_on_devices(
-        config, _epoch_order(config, exp.dataset.train_labels, epoch, exp.steps)
-    )
+    order = _epoch_order(config, exp.dataset.train_labels, epoch, exp.steps)
+    images = epoch_batches(config, exp.dataset.train_images, order)
+    labels = epoch_batches(config, exp.dataset.train_labels, order)
     totals = jnp.zeros(5)
     bar = _progress(range(exp.steps), f"epoch {epoch}/{config.epochs}", config.quiet)
     for i in bar:
         exp.check_stop()
-        state, stats = exp.train_step(state, exp.images, exp.labels, order, i)
+        state, stats = exp.train_step(state, images, labels, i)
         totals = totals + stats
         if (i + 1) % config.progress_every == 0 or i + 1 == exp.steps:
             loss_sum, correct, good = (float(v) for v in totals[:3])
@@ -836,9 +868,10 @@ def evaluate_epoch(
     what = "final evaluation" if full else f"evaluating epoch {epoch}"
     if full:
         exp.log(f"{what}: {test_n} test and {train_n} training images")
-    model, _ = nnx.merge(exp.eval_graphdef, state.graph)
-    train_f = exp.embed(state.graph, dataset.train_images[:train_n], f"{what}: train")
-    test_f = exp.embed(state.graph, dataset.test_images[:test_n], f"{what}: test")
+    graph = distributed.local_copy(state.graph)  # this process's copy
+    model, _ = nnx.merge(exp.eval_graphdef, graph)
+    train_f = exp.embed(graph, dataset.train_images[:train_n], f"{what}: train")
+    test_f = exp.embed(graph, dataset.test_images[:test_n], f"{what}: test")
     train_y, test_y = dataset.train_labels[:train_n], dataset.test_labels[:test_n]
     row = closed_set_metrics(config, model, train_f, train_y, test_f, test_y, exp.num_classes)
     row["eval_test_examples"] = test_n
@@ -902,10 +935,12 @@ def record_epoch(exp: Experiment, state: TrainState, row: dict, frame: Frame) ->
     """Appends the epoch's metrics line and saves its plot points, then its checkpoint.
 
     The line comes before the checkpoint: a run killed between the two resumes from the
-    previous checkpoint and rewrites the line, instead of skipping the epoch's metrics."""
-    with exp.metrics_path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    frame.save(exp.frame_path(row["epoch"]))
+    previous checkpoint and rewrites the line, instead of skipping the epoch's metrics. Process
+    0 writes the files; every process takes part in the checkpoint."""
+    if distributed.is_primary():
+        with exp.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        frame.save(exp.frame_path(row["epoch"]))
     exp.manager.save(
         row["epoch"], args=ocp.args.StandardSave(state), metrics={"accuracy": row["accuracy"]}
     )
@@ -989,9 +1024,9 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def finish(exp: Experiment, history: list[dict]) -> dict:
-    """Draws the features, writes summary.json and summary.md; returns the summary."""
+    """Draws the features, writes summary.json and summary.md (process 0); returns the
+    summary."""
     exp.log("drawing features.png and features.gif")
-    draw_features(exp, history)
     summary = {
         "dataset": exp.config.dataset,
         "loss": exp.config.loss,
@@ -1003,10 +1038,13 @@ def finish(exp: Experiment, history: list[dict]) -> dict:
         "best": max(history, key=lambda h: h["accuracy"]),
         "data_source": exp.dataset.source,
         "devices": num_devices(exp.config),  # of this (last) segment; the math is the same
+        "processes": jax.process_count(),
         "workdir": str(exp.workdir.resolve()),
     }
-    (exp.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (exp.workdir / "summary.md").write_text(summary_table(history) + "\n")
+    if distributed.is_primary():
+        draw_features(exp, history)
+        (exp.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (exp.workdir / "summary.md").write_text(summary_table(history) + "\n")
     return summary
 
 
@@ -1071,12 +1109,16 @@ def train_and_evaluate(
     """
     config = config.validate()
     workdir = pathlib.Path(workdir if workdir is not None else config.default_workdir())
+    primary = distributed.is_primary()
+    if not primary:  # process 0 speaks for the run (run settings: the math is the same)
+        config = dataclasses.replace(config, quiet=True)
     log = (lambda *a: None) if config.quiet else (lambda *a: print(*a, flush=True))
-    print(f"run folder: {workdir}", flush=True)
+    say = print if primary else (lambda *a, **k: None)
+    say(f"run folder: {workdir}", flush=True)
     done = _already_complete(config, workdir)
     if done is not None:
-        print(f"already complete: {done['epochs']} epochs; results in {workdir}", flush=True)
-        print(summary_table(_read_history(workdir)), flush=True)
+        say(f"already complete: {done['epochs']} epochs; results in {workdir}", flush=True)
+        say(summary_table(_read_history(workdir)), flush=True)
         return done
     _check_data_dir(config)  # refuse before making the workdir or loading anything
     resume_point(config, workdir)
@@ -1109,8 +1151,8 @@ def train_and_evaluate(
         if config.stop_after is not None and config.stop_after <= epoch < config.epochs:
             return _stopped(exp, history, f"stopped after epoch {epoch} (--stop-after)")
     summary = finish(exp, history)
-    print(summary_table(history), flush=True)
-    print(f"results in {workdir}: summary.json, metrics.jsonl, features.png", flush=True)
+    say(summary_table(history), flush=True)
+    say(f"results in {workdir}: summary.json, metrics.jsonl, features.png", flush=True)
     return summary
 
 

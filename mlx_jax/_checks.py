@@ -47,9 +47,12 @@ def embeddings_array(embeddings, name: str = "embeddings") -> jax.Array:
 
 
 def is_concrete(x) -> bool:
-    """Whether ``x`` has a value at trace time (not a ``jax.core.Tracer``): value checks
-    (ranges, signs) run only then; traced values pass through unchecked."""
-    return not isinstance(x, jax.core.Tracer)
+    """Whether ``x`` has a value this process can read at trace time: value checks (ranges,
+    signs) run only then. Traced values pass through unchecked, and so do arrays spanning other
+    processes' devices (``jax.distributed``: only their local shards are here)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
 
 
 def labels_array(
