@@ -55,6 +55,7 @@ PAIRS: tuple[str, ...] = ("one_per_class", "all")
 # The angular logit depends on the positive (x_a + x_p), so each (anchor, positive) needs its
 # own [B] row of logits: positives are visited this many at a time ([R, 8, B] per step).
 _POSITIVE_CHUNK = 8
+_SMALLEST_WIDTH = 4  # slots of the narrowest branch: 4 per class gives 3 positives
 
 
 class _Tuples(NamedTuple):
@@ -164,25 +165,26 @@ def _over_positive_chunks(
     chunk_terms: Callable[[jax.Array, jax.Array], jax.Array], tuples: _Tuples
 ) -> jax.Array:
     """``chunk_terms(positive [R, C], mask [R, C]) -> [R, C]`` over the K positive slots of
-    the rows, C = 8 at a time, each chunk rematerialised when differentiating (O(R·8·B)
-    memory).
+    the rows, at most C = 8 at a time, each chunk rematerialised when differentiating
+    (O(R·8·B) memory).
 
-    Only the first ``tuples.used`` slots can hold a tuple. The number of chunks run is the
-    smallest of 1, 2, 4, … (and ⌈K/8⌉) that covers them, picked at run time (``lax.switch``
-    over static chunk counts): a batch whose classes have at most 8 samples runs one chunk,
-    and no batch runs more than twice the chunks it needs. (A scan over all ⌈K/8⌉ chunks
-    would also add each skipped chunk's zero cotangent of the [R, B] anchor logits.)
+    Only the first ``tuples.used`` slots can hold a tuple. The slots run are the smallest width
+    of 4, 8, 16, 32, … (and K) that covers them, picked at run time (``lax.switch`` over static
+    widths): one chunk of 4 for classes of up to 5 samples (the usual 4 per class of a
+    class-balanced batch: 3 of 4 slots used, where a chunk of 8 wastes 5), one of 8 up to 9,
+    then chunks of 8; no batch runs more than twice the slots it needs. (A scan over all
+    ⌈K/8⌉ chunks would also add each skipped chunk's zero cotangent of the [R, B] anchor
+    logits.)
     """
     rows, count = tuples.positive.shape
-    if count <= _POSITIVE_CHUNK:
+    widths = [min(_SMALLEST_WIDTH, count)]
+    while widths[-1] < count:
+        widths.append(min(2 * widths[-1], count))
+    if len(widths) == 1:
         return chunk_terms(tuples.positive, tuples.mask)
-    total = -(-count // _POSITIVE_CHUNK)
-    tiers = [1]
-    while tiers[-1] < total:
-        tiers.append(min(2 * tiers[-1], total))
 
-    def run(chunks: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
-        width = min(chunks * _POSITIVE_CHUNK, count)
+    def run(width: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        chunks = -(-width // _POSITIVE_CHUNK)
 
         def terms(positive: jax.Array, mask: jax.Array) -> jax.Array:
             positive, mask = positive[:, :width], mask[:, :width]
@@ -201,10 +203,9 @@ def _over_positive_chunks(
 
         return terms
 
-    needed = -(-tuples.used // _POSITIVE_CHUNK)
-    tier = jnp.searchsorted(jnp.asarray(tiers), needed, side="left")
-    branches = [run(chunks) for chunks in tiers]
-    return jax.lax.switch(tier, branches, tuples.positive, tuples.mask)
+    branch = jnp.searchsorted(jnp.asarray(widths), tuples.used, side="left")
+    branches = [run(width) for width in widths]
+    return jax.lax.switch(branch, branches, tuples.positive, tuples.mask)
 
 
 def npairs_loss(
