@@ -25,7 +25,10 @@ Before timing, each XLA matmul is checked against torch's. Timing as in
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -159,29 +162,77 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+TARGET = 1.15  # the loss's fwd+bwd within this many times its three matmuls, side by side
+
+
+def summary_table(results: dict[tuple[str, int], dict[str, dict[str, float]]]) -> str:
+    """One line per (head, C): ours, the three matmuls, their ratio against :data:`TARGET`."""
+    lines = [
+        f"| head | C | ours ms | three matmuls ms | ours / matmuls (target ≤ {TARGET}) "
+        "| PML ms | PML / ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (loss, classes), result in results.items():
+        ours = result["loss"]["ours"]
+        matmuls = sum(result["xla"][name] for name in MATMULS)
+        ratio = ours / matmuls
+        verdict = "met" if ratio <= TARGET else "missed"
+        pml = result["loss"].get("PML")
+        lines.append(
+            f"| {loss} | {classes:,} | {ours:.2f} | {matmuls:.2f} | {ratio:.2f} ({verdict}) | "
+            f"{_ms(pml)} | {'–' if pml is None else f'{pml / ours:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.head_parts",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--loss", choices=HEADS, default="cosface", help="head (default: cosface)")
+    p.add_argument(
+        "--loss", nargs="+", choices=HEADS, default=["cosface"], help="heads (default: cosface)"
+    )
     p.add_argument("--batch", type=int, default=1024, help="B (default: 1024)")
     p.add_argument("--dim", type=int, default=128, help="D (default: 128)")
-    p.add_argument("--classes", type=int, default=10_000, help="C (default: 10000)")
+    p.add_argument(
+        "--classes", type=int, nargs="+", default=[10_000], help="C values (default: 10000)"
+    )
     p.add_argument("--threads", type=int, default=None, help="cores (default: all)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per part (default: 20)")
     p.add_argument("--block", type=int, default=5, help="calls per block (default: 5)")
     p.add_argument("--pause", type=float, default=0.2, help="sleep after a block (default: 0.2)")
+    p.add_argument(
+        "--out", default=None, help="also write the report (markdown) to this file (default: no)"
+    )
     args = p.parse_args(argv)
-    if min(args.batch, args.dim, args.classes, args.repeats, args.block) < 1:
+    if min(args.batch, args.dim, *args.classes, args.repeats, args.block) < 1:
         p.error("--batch, --dim, --classes, --repeats and --block must be >= 1")
     threads = prepare_process(args.threads)  # before JAX creates its CPU client
-    print(
-        f"{cpu_model()}; {threads} threads; {args.loss} B={args.batch} D={args.dim} "
-        f"C={args.classes}"
-    )
-    print(report(measure(args)))
+    results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+    sections = []
+    for classes in args.classes:
+        for loss in args.loss:
+            config = argparse.Namespace(**{**vars(args), "loss": loss, "classes": classes})
+            results[(loss, classes)] = measure(config)
+            section = f"### {loss}, B = {args.batch}, D = {args.dim}, C = {classes:,}\n\n"
+            section += report(results[(loss, classes)])
+            print(section, flush=True)
+            sections.append(section)
+    summary = summary_table(results)
+    print(summary)
+    if args.out:
+        command = " ".join(["python -m benchmarks.head_parts", *(argv or sys.argv[1:])])
+        header = (
+            f"# Margin heads against their three matmuls\n\n- command: `{command}`\n"
+            f"- machine: {cpu_model()}; {threads} threads\n"
+            f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; float32; median of "
+            f"{args.repeats} calls per part, alternating blocks of {args.block}\n\n"
+        )
+        text = header + summary + "\n\n" + "\n\n".join(sections) + "\n"
+        pathlib.Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -66,3 +66,27 @@ def test_a_matmul_that_differs_from_torch_is_refused():
     ours["G·Ŵᵀ"] = lambda: 1.01 * np.asarray(bench.xla_parts(x, w, g)["G·Ŵᵀ"]())
     with pytest.raises(AssertionError, match="G·Ŵᵀ: XLA and torch differ"):
         bench.check_same_matmuls(ours, theirs)
+
+
+def test_summary_compares_each_head_with_its_three_matmuls():
+    parts = {name: 10.0 for name in bench.MATMULS}  # 30 ms of matmuls
+    results = {
+        ("cosface", 10_000): {"xla": parts, "torch": {}, "loss": {"ours": 33.0, "PML": 66.0}},
+        ("arcface", 100_000): {"xla": parts, "torch": {}, "loss": {"ours": 60.0}},
+    }
+    lines = bench.summary_table(results).splitlines()
+    assert "| cosface | 10,000 | 33.00 | 30.00 | 1.10 (met) | 66.00 | 2.00 |" in lines
+    assert "| arcface | 100,000 | 60.00 | 30.00 | 2.00 (missed) | – | – |" in lines
+
+
+def test_main_writes_every_configuration_to_out(tmp_path):
+    out = tmp_path / "heads.md"
+    argv = ["--loss", "cosface", "arcface", "--classes", "16", "24", "--batch", "8"]
+    argv += ["--dim", "4", "--repeats", "1", "--block", "1", "--pause", "0", "--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    for head in ("cosface", "arcface"):
+        for classes in (16, 24):
+            assert f"### {head}, B = 8, D = 4, C = {classes}" in text
+            assert f"| {head} | {classes} |" in text
+    assert "python -m benchmarks.head_parts --loss cosface arcface" in text
