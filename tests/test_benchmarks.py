@@ -13,6 +13,9 @@ import pytest
 
 from benchmarks import losses as bench
 
+# One worker runs this module (pytest -n N --dist loadgroup): its module fixtures are costly.
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
 TINY = (
     "--batch 32 --dim 8 --classes 50 --repeats 2 --block 2 --pause 0 --warmup 1 --settle 0 --quiet"
 ).split()

@@ -19,6 +19,9 @@ import pytest
 
 from benchmarks import device_check as dc
 
+# One worker runs this module (pytest -n N --dist loadgroup): its module fixtures are costly.
+pytestmark = pytest.mark.xdist_group("device_check")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FILES = {
     "summary.md",

@@ -32,6 +32,9 @@ from tests import multiprocess_worker as worker
 from tests.test_data import write_idx_dir
 from tests.test_experiments import TINY, history, learnable_images
 
+# One worker runs this module (pytest -n N --dist loadgroup): its module fixtures are costly.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT_S = 300
 
