@@ -127,6 +127,9 @@ def launch(
             stderr=None if index == 0 else subprocess.PIPE,
             stdout=None if index == 0 else subprocess.PIPE,
             preexec_fn=(lambda cpus=pin: os.sched_setaffinity(0, cpus)) if pin else None,
+            # Their own session: a terminal's Ctrl-C reaches the launcher alone, which passes
+            # it on once (a second SIGINT would stop them at once, not at a safe point).
+            start_new_session=True,
         )
         children.append(child)
         if index:
