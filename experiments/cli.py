@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import signal
 import sys
@@ -21,6 +22,9 @@ from typing import Any
 
 from experiments import distributed, tuning
 from experiments.config import Config, ConfigError, LossConfig, flag
+
+# Set by experiments.launch (which imports it from here): the command that resumes its run.
+RESUME_COMMAND_ENV = "MLX_JAX_RESUME_COMMAND"
 
 # Exit codes: 2 bad configuration (as argparse), 3 no data, 4 diverged or refused to resume,
 # 128 + N stopped by signal N (the shell's convention: Ctrl-C gives 130, SIGTERM 143).
@@ -138,7 +142,11 @@ class StopRequest:
 
 
 def resume_command(dataset: str, argv: Sequence[str]) -> str:
-    """The command that continues the run of ``argv`` from its last checkpoint."""
+    """The command that continues the run of ``argv`` from its last checkpoint (a launcher's
+    own, when :mod:`experiments.launch` started this process)."""
+    launched = os.environ.get(RESUME_COMMAND_ENV)
+    if launched:
+        return launched
     kept = [a for a in argv if a != "--resume" and not a.startswith("--resume=")]
     return shlex.join(["python", "-m", f"experiments.{dataset}", *kept, "--resume"])
 

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from experiments.cli import RESUME_COMMAND_ENV
 from experiments.config import DATASETS
 
 DEFAULT_GRACE_SECONDS = 10.0
@@ -113,6 +114,8 @@ def launch(
     """Runs the P processes to the end; returns the exit code (see the module docstring)."""
     port = free_port() if port is None else port
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices_per_process)}
+    if resume_hint:  # what the processes print after a stop: the launcher's command
+        env[RESUME_COMMAND_ENV] = resume_hint
     for variable in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(variable, None)  # the flags say it; a stale variable must not disagree
     shares = cpu_shares(processes)
@@ -140,7 +143,10 @@ def launch(
                 relay.start()
                 relays.append(relay)
 
+    requested: list[int] = []
+
     def forward(signum, frame):
+        requested.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -160,10 +166,19 @@ def launch(
     if failed is None:
         return 0
     index, code = failed
+    resume = resume_hint or "the same command and --resume"
+    if requested:
+        name = _signal_name(requested[0])
+        print(
+            f"stopped by {name} (passed on to every process); continue with: {resume}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + requested[0]
     print(
         f"error: process {index} (pid {children[index].pid}) {how_it_ended(code)}; stopped the "
         f"other {processes - 1} process(es). The run continues from its newest checkpoint "
-        f"with: {resume_hint or 'the same command and --resume'}",
+        f"with: {resume}",
         file=sys.stderr,
         flush=True,
     )

@@ -256,6 +256,34 @@ def test_a_killed_process_fails_the_job_and_the_resumed_run_is_exact(launched):
             assert r_again[key] == r_straight[key], (key, r_straight[key], r_again[key])
 
 
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_to_the_launcher_stops_every_process_at_a_safe_point(launched):
+    root, data = launched["root"], launched["data"]
+    workdir = root / "stopped"
+    launcher = subprocess.Popen(
+        _launch_command(data, workdir, "--epochs", "20"),
+        env=_env(1),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    while driver.latest_checkpoint(workdir) is None:
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint in time"
+        time.sleep(0.05)
+    launcher.terminate()
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM (passed on to every process); continue with:" in err
+    # every process names the launcher's command, not its own per-process one
+    continued = [line for line in err.splitlines() if "continue with:" in line]
+    assert continued and all("python -m experiments.launch" in line for line in continued)
+    assert all("--resume" in line and "--process-id" not in line for line in continued)
+    assert driver.latest_checkpoint(workdir)[0] < 20
+
+
 # ----------------------------------------------------------------------------- the settings
 
 
