@@ -25,6 +25,39 @@ training or PML's ``CrossBatchMemory``-free data parallelism), so inside ``jax.s
   instead of O(B²·D/N) — while the network's forward and backward (usually the bulk of a
   step) stay split N ways. Weight-0 rows (padding) are excluded everywhere, as in every loss.
 
+* ``global_batch_loss(..., split_rows=True)`` is the row-split form of the same gathered
+  loss, for the losses that take ``anchors=``: each device evaluates only the terms anchored
+  by its own b = B/N rows (against all B gathered samples as positives and negatives), so its
+  loss work is O(B²·D/N). It is exact because every reduction is a function of three sums over
+  the terms (:mod:`mlx_jax.reductions`): with A_k the rows of device k (a partition of the
+  batch) and S_k, W_k, Z_k the loss, weight and nonzero-weight sums of the terms anchored in
+  A_k (``reduction="parts"``, ``anchors=AnchorRows(k·b, b)``),
+
+      S = Σ_k S_k,  W = Σ_k W_k,  Z = Σ_k Z_k   (psum of the parts)
+      L = S  ("sum"),  S / W  ("mean"),  S / Z  ("mean_nonzero")
+
+  reduced once after the ``psum`` — averaging per-device *ratios* S_k / W_k would weight the
+  devices wrongly. (With ``balance="pos_neg"`` the positive and negative kinds keep their own
+  sums; the margin loss's shared-β term ν·β enters as ν·β·T / T over its triplet count T.)
+  Gradients: S_k(X) is a function of the whole gathered batch X (its anchors' partners live on
+  every device), and the parts of a partition add up *as functions of X*, Σ_k S_k(X) = S(X),
+  so Σ_k ∂S_k/∂X = ∂S/∂X. The transposes deliver exactly that sum:
+
+      ∂L/∂x_j = Σ_k [∂S_k/∂X · ∂L/∂S + ∂W_k/∂X · ∂L/∂W + …]_{rows of shard j}
+              = [∂L/∂X]_{rows of shard j}
+
+  — ``psum``'s transpose hands every device the (replicated) cotangent of the summed parts
+  unchanged, each device pulls it back through its own S_k, W_k, Z_k, and all_gather's
+  transpose sums the N contributions onto the owner of the rows (replicated state such as the
+  margin loss's β: summed over devices, as above). No 1/N appears: each term is computed on
+  exactly one device. (W and Z sum sample weights over masks: no gradient reaches the
+  embeddings through them.) A loss without ``anchors=``, or one whose value is not such a ratio
+  of sums (it rejects ``reduction="parts"``), raises ``ValueError`` naming it;
+  ``reduction="none"`` is refused. Cost: the all_gather as before, then [b, B] row blocks
+  instead of [B, B] on each device; two losses keep a B×B share: the lifted structure loss's
+  first pass (every sample's negative log-sum-exp, which a pair needs for both its samples)
+  and the Siamese loss's cosine matrix (computed whole, then sliced to the device's rows).
+
 * ``global_batch_loss(..., per_sample=True)`` is the cheaper exact form for *per-sample*
   losses (center loss, softmax, the margin-softmax heads, triplet-center): no gather; each
   device reduces its own rows and the numerator and denominator of the reduction are summed
@@ -55,7 +88,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +99,15 @@ from mlx_jax import reductions
 
 __all__ = [
     "DATA_AXIS",
+    "AnchorRows",
     "batch_sharding",
     "check_batch_divisible",
     "data_mesh",
     "data_parallel",
+    "device_rows",
     "gather_batch",
     "global_batch_loss",
+    "loss_parts",
     "match_varying_axes",
     "mean_over_devices",
     "replicate",
@@ -150,6 +186,34 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
     return jax.device_put(tree, replicated_sharding(mesh))
 
 
+# ----------------------------------------------------------------------------- anchor rows
+
+
+class AnchorRows(NamedTuple):
+    """The anchor rows [start, start + size) of a batch, as a loss's ``anchors=`` argument.
+
+    Like a boolean ``anchors`` mask that is True on those rows only — the other samples anchor
+    no term but are every anchor's positives and negatives — with one difference: the losses
+    built on ``mlx_jax.losses._common.map_anchor_rows`` evaluate only these ``size`` rows,
+    [size, B] instead of [B, B], so their work falls by B / size. The row-split global loss
+    (:func:`mlx_jax.parallel.global_batch_loss` with ``split_rows=True``) gives each of N
+    devices its own B/N rows of the gathered batch this way.
+
+    Fields:
+      start: int scalar, the first anchor row; may be traced (e.g. from
+        ``jax.lax.axis_index``). A concrete value is checked to lie in [0, B − size]; a traced
+        one is clamped into it (``jax.lax.dynamic_slice``).
+      size: static Python int in [1, B], the number of anchor rows (it sets shapes).
+
+    With ``reduction="none"`` a loss returns the terms of these ``size`` rows only ([size] or
+    [size, B]); the scalar reductions and ``"parts"`` are those of the boolean mask. Checked
+    and applied by :func:`mlx_jax.losses._common.prepare_batch` and ``map_anchor_rows``.
+    """
+
+    start: Any
+    size: int
+
+
 # ----------------------------------------------------------------------------- collectives
 
 
@@ -207,15 +271,17 @@ def global_batch_loss(
     axis_name: str | None = DATA_AXIS,
     *,
     per_sample: bool = False,
+    split_rows: bool = False,
 ) -> Callable[..., jax.Array]:
     """The global-batch form of ``loss_fn(embeddings, labels, *state, weights=..., **hyper)``,
     for use inside ``jax.shard_map`` over the batch axis ``axis_name``.
 
     The returned function takes the local shards — embeddings [b, D], labels [b], optional
-    ``weights`` [b] — plus the loss's replicated state (centers [C, D], class weights [D, C])
-    and keyword hyperparameters, and returns the loss of the *global* batch [N·b] (replicated
-    on every device); gradients with respect to the local embeddings and the state equal the
-    single-device gradients on the concatenated batch (see the module docstring for why).
+    ``weights`` [b] — plus the loss's replicated state (centers [C, D], class weights [D, C],
+    the margin loss's β) and keyword hyperparameters, and returns the loss of the *global*
+    batch [N·b] (replicated on every device); gradients with respect to the local embeddings
+    and the state equal the single-device gradients on the concatenated batch (see the module
+    docstring for why).
 
     Args:
       loss_fn: an mlx_jax loss (or any function with that signature).
@@ -228,14 +294,59 @@ def global_batch_loss(
         sphereface/combined_margin_loss, triplet_center_loss): the local ``reduction="none"``
         terms are summed over devices, as are the reduction's denominators. Using it for a
         pairwise loss silently drops the cross-device pairs, so it must be asked for.
+      split_rows: ``False`` (default): with ``per_sample=False``, every device evaluates the
+        whole B×B loss of the gathered batch. ``True``: the row-split form for the losses that
+        take ``anchors=`` (contrastive, Siamese, triplet, circle, multi-similarity, NT-Xent,
+        SupCon, the two lifted structure losses, margin, tuplet margin, FastAP): the batch is
+        gathered, but device k evaluates only the terms anchored by its own rows — the k-th
+        block of b rows of the global batch, ``anchors=AnchorRows(k·b, b)``, against all N·b
+        samples as positives and negatives — with ``reduction="parts"``; the parts (the
+        reduction's sums, :class:`mlx_jax.reductions.ReductionParts`) are ``psum``-ed over
+        the devices and reduced once. The value and gradients are those of the gather form
+        (module docstring), and each device's loss work is [b, N·b] instead of [N·b, N·b].
+        Reductions ``"mean"``, ``"sum"``, ``"mean_nonzero"``; ``"none"`` raises
+        ``ValueError`` (use the gather form for the global per-term array), as does a loss
+        that cannot return parts (one without ``anchors=``, or whose value is not a ratio of
+        sums over anchor rows), naming the loss. ``anchors=`` is set here, so the caller may
+        not pass it. Cannot be combined with ``per_sample``.
 
     Returns:
       ``f(embeddings, labels, *state, weights=None, **hyper) -> scalar``. With
       ``reduction="none"`` the gather form returns the global per-term array (replicated) and
       the per-sample form the local [b] terms (varying: use ``out_specs=P(axis_name)``).
     """
+    if per_sample and split_rows:
+        raise ValueError(
+            "per_sample=True and split_rows=True exclude each other: per-sample losses need no "
+            "gather at all, and split_rows is the gathered form of the anchors= losses"
+        )
+    if split_rows:
+        _check_takes_anchors(loss_fn)
     if axis_name is None:
         return loss_fn
+
+    if split_rows:
+
+        def split(embeddings, labels, *state, weights=None, reduction="mean", **hyper):
+            reductions.check_reduction(
+                reduction,
+                reductions.SCALAR_REDUCTIONS,
+                why="the row-split form adds every device's sums and reduces once; use "
+                "split_rows=False for the global per-term array of reduction='none'",
+            )
+            if "anchors" in hyper:
+                raise ValueError(
+                    "global_batch_loss(split_rows=True) sets anchors= itself (each device's "
+                    "own rows); do not pass it"
+                )
+            x, y = gather_batch((embeddings, labels), axis_name)
+            if weights is not None:
+                hyper["weights"] = gather_batch(weights, axis_name)
+            rows = device_rows(np.shape(embeddings)[0], axis_name)
+            parts = loss_parts(loss_fn, x, y, *state, anchors=rows, **hyper)
+            return reductions.finish_reduction(sum_over_devices(parts, axis_name), reduction)
+
+        return split
 
     if not per_sample:
 
@@ -262,6 +373,68 @@ def global_batch_loss(
         return reductions.safe_divide(total, denominator)
 
     return summed
+
+
+def device_rows(rows_per_device: int, axis_name: str) -> AnchorRows:
+    """This device's rows of the gathered batch, ``AnchorRows(k·b, b)`` on device k of
+    ``axis_name`` (b = ``rows_per_device``; :func:`gather_batch` concatenates in device
+    order). Call inside ``shard_map``."""
+    start = jax.lax.axis_index(axis_name).astype(jnp.int32) * rows_per_device
+    return AnchorRows(start, int(rows_per_device))
+
+
+def loss_parts(loss_fn: Callable[..., Any], *args, anchors: Any, **hyper) -> Any:
+    """``loss_fn(*args, anchors=anchors, reduction="parts", **hyper)``: the loss's
+    :class:`~mlx_jax.reductions.ReductionParts` over the terms that ``anchors`` (a [B] mask or
+    an :class:`AnchorRows` range) anchors. Parts of disjoint anchor sets add up to the parts
+    of their union, and :func:`mlx_jax.reductions.finish_reduction` turns them into the loss.
+
+    Raises ``ValueError`` naming the loss when it takes no ``anchors=`` or cannot return parts
+    (its value is not a reduction of sums over anchor rows)."""
+    _check_takes_anchors(loss_fn)
+    if hyper.get("reduction", reductions.PARTS) != reductions.PARTS:
+        raise ValueError("loss_parts sets reduction='parts' itself; do not pass reduction=")
+    hyper["reduction"] = reductions.PARTS
+    try:
+        return loss_fn(*args, anchors=anchors, **hyper)
+    except TypeError as error:
+        if "unexpected keyword argument 'anchors'" not in str(error):
+            raise
+        raise ValueError(  # a **kwargs wrapper passed anchors= to a loss without it
+            f"{_name(loss_fn)} cannot be split by anchor rows: it takes no anchors= argument "
+            f"({error}), so a device cannot evaluate only its own rows' terms; use "
+            "global_batch_loss with split_rows=False"
+        ) from error
+    except reductions.UnsupportedReduction as error:
+        if error.reduction != reductions.PARTS:
+            raise
+        raise ValueError(
+            f"{_name(loss_fn)} cannot be split by anchor rows: it does not return reduction "
+            "parts (reduction='parts'), i.e. its value is not a ratio of sums over the terms "
+            "each anchor row adds; use global_batch_loss with split_rows=False (every device "
+            "evaluates the whole gathered batch)"
+        ) from error
+
+
+def _check_takes_anchors(loss_fn: Callable[..., Any]) -> None:
+    """``ValueError`` naming ``loss_fn`` unless it has an ``anchors=`` parameter (or takes
+    ``**kwargs``, which :func:`loss_parts` passes on and checks by calling)."""
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return  # no signature to read: the call decides
+    if "anchors" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    raise ValueError(
+        f"{_name(loss_fn)} cannot be split by anchor rows: it takes no anchors= argument, so a "
+        "device cannot evaluate only its own rows' terms; use global_batch_loss with "
+        "split_rows=False (or per_sample=True for a per-sample loss)"
+    )
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    inner = getattr(fn, "func", fn)  # functools.partial
+    return getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or repr(fn)
 
 
 # ----------------------------------------------------------------------------- the step wrapper

@@ -1,4 +1,9 @@
-"""Input preparation shared by every loss (checks, dtype promotion, sample weights)."""
+"""Input preparation shared by every loss (checks, dtype promotion, sample weights, anchor
+rows) and the row machinery of the pair losses: :func:`map_anchor_rows` evaluates a loss's
+per-anchor-row function over the batch's anchor rows — every row, or only the contiguous
+:class:`mlx_jax.parallel.AnchorRows` range a caller asks for — and the losses reduce the
+per-row sums with :mod:`mlx_jax.reductions` (``reduction="parts"`` returns the sums
+themselves)."""
 
 from __future__ import annotations
 
@@ -7,27 +12,32 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlx_jax import _checks, blockwise, distances, mining, reductions
+from mlx_jax.parallel import AnchorRows
 
 
 class Batch(NamedTuple):
     """A checked batch: embeddings [B, D] in compute dtype, labels [B] int, weights [B] float,
-    valid [B] bool (weight > 0), and anchor_weights [B] float: the weights of the terms each
-    sample anchors (``weights``, or 0 where ``anchors`` is False)."""
+    valid [B] bool (weight > 0), anchor_weights [B] float: the weights of the terms each
+    sample anchors (``weights``, or 0 where ``anchors`` is False), and anchor_rows: the
+    :class:`AnchorRows` range that :func:`map_anchor_rows` visits (None: every row)."""
 
     embeddings: jax.Array
     labels: jax.Array
     weights: jax.Array
     valid: jax.Array
     anchor_weights: jax.Array
+    anchor_rows: AnchorRows | None = None
 
 
 def prepare_batch(
     embeddings, labels, weights=None, *, num_classes: int | None = None, anchors=None
 ) -> Batch:
     """Checks ``embeddings`` [B, D], ``labels`` [B], ``weights`` [B] (None → ones) and
-    ``anchors`` [B] bool (None → every sample).
+    ``anchors``: None (every sample anchors), a [B] bool mask, or an :class:`AnchorRows`
+    range.
 
     A sample's weight scales the loss terms it anchors; a zero weight excludes the sample
     everywhere (as anchor, positive, negative or pair partner), so padded and sharded batches
@@ -36,12 +46,45 @@ def prepare_batch(
     memory (:mod:`mlx_jax.memory`) uses it.
     """
     x = _checks.embeddings_array(embeddings)
-    y = _checks.labels_array(labels, x.shape[0], num_classes=num_classes)
-    w = _checks.sample_weights(weights, x.shape[0], x.dtype)
-    anchor_weights = (
-        w if anchors is None else jnp.where(_checks.anchors_array(anchors, x.shape[0]), w, 0.0)
-    )
-    return Batch(x, y, w, w > 0, anchor_weights)
+    size = x.shape[0]
+    y = _checks.labels_array(labels, size, num_classes=num_classes)
+    w = _checks.sample_weights(weights, size, x.dtype)
+    anchor_rows = None
+    if anchors is None:
+        anchor_weights = w
+    elif isinstance(anchors, AnchorRows):
+        anchor_rows = _check_anchor_rows(anchors, size)
+        position = jnp.arange(size)
+        start = anchor_rows.start
+        in_range = (position >= start) & (position < start + anchor_rows.size)
+        anchor_weights = jnp.where(in_range, w, 0.0)
+    else:
+        anchor_weights = jnp.where(_checks.anchors_array(anchors, size), w, 0.0)
+    return Batch(x, y, w, w > 0, anchor_weights, anchor_rows)
+
+
+def _check_anchor_rows(rows: AnchorRows, batch: int) -> AnchorRows:
+    """``rows`` with a static size in [1, batch] and an int32 start (checked when concrete;
+    a traced start is clamped into [0, batch − size], as ``dynamic_slice`` does)."""
+    size = rows.size
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not 1 <= size <= batch:
+        raise ValueError(
+            f"anchors=AnchorRows(start, size): size must be a static int in [1, {batch}] (the "
+            f"batch size), got {size!r}"
+        )
+    start = jnp.asarray(rows.start)
+    if start.shape != () or not jnp.issubdtype(start.dtype, jnp.integer):
+        raise TypeError(
+            "anchors=AnchorRows(start, size): start must be an int scalar, got "
+            f"{start.dtype} of shape {list(start.shape)}"
+        )
+    if _checks.is_concrete(rows.start) and not 0 <= int(np.asarray(rows.start)) <= batch - size:
+        raise ValueError(
+            f"anchors=AnchorRows(start, size): start must be in [0, {batch - size}] (batch "
+            f"{batch}, size {size}), got {int(np.asarray(rows.start))}"
+        )
+    start = jnp.clip(start.astype(jnp.int32), 0, batch - size)
+    return AnchorRows(start, int(size))
 
 
 class Rows(NamedTuple):
@@ -79,15 +122,30 @@ def map_anchor_rows(
     """``fn(rows, *row_args[rows])`` over the batch's anchor rows, dense (``block_size=None``),
     in blocks of ``block_size`` rows with O(B·block_size) memory, or ``"auto"``: chosen from B
     (:func:`mlx_jax.blockwise.auto_block_size`).
-    ``fn`` returns a pytree of [R, ...] arrays; the result has leading dimension B."""
-    block_size = blockwise.resolve_block_size(block_size, batch.embeddings.shape[0])
-    every_row = blockwise.runs_dense(block_size, batch.embeddings.shape[0])
-
-    def call(index, x, labels, weights, *extra):
-        return fn(Rows(index, x, labels, weights, weights > 0, every_row), *extra)
-
+    ``fn`` returns a pytree of [R, ...] arrays; the result has leading dimension B — or, for a
+    batch with an :class:`AnchorRows` range, ``size``: only those rows are evaluated (each
+    against all B columns), the row arguments ([B, ...]) sliced to them."""
+    size = batch.embeddings.shape[0]
+    block_size = blockwise.resolve_block_size(block_size, size)
     args = (batch.embeddings, batch.labels, batch.anchor_weights, *row_args)
-    return blockwise.map_row_blocks(call, args, block_size=block_size)
+    if batch.anchor_rows is None:
+        every_row = blockwise.runs_dense(block_size, size)
+
+        def call(index, x, labels, weights, *extra):
+            return fn(Rows(index, x, labels, weights, weights > 0, every_row), *extra)
+
+        return blockwise.map_row_blocks(call, args, block_size=block_size)
+
+    start, count = batch.anchor_rows
+    sliced = tuple(jax.lax.dynamic_slice_in_dim(a, start, count) for a in args)
+
+    def call_range(position, index, x, labels, weights, *extra):
+        # blockwise padding rows (position >= count) get indices >= B: no self column
+        index = jnp.where(position < count, index, size + position)
+        return fn(Rows(index, x, labels, weights, weights > 0), *extra)
+
+    index = start + jnp.arange(count, dtype=jnp.int32)
+    return blockwise.map_row_blocks(call_range, (index, *sliced), block_size=block_size)
 
 
 class PairSums(NamedTuple):
@@ -109,11 +167,15 @@ def pair_row_sums(mask: jax.Array, terms: jax.Array, row_weights: jax.Array) -> 
 
 
 def reduce_pair_sums(positive: PairSums, negative: PairSums, reduction: str, balance: str):
-    """Reduces per-row pair sums ([B] each) to the scalar of :func:`reduce_pair_terms`."""
+    """Reduces per-row pair sums ([B] each) to the scalar of :func:`reduce_pair_terms`; for
+    ``reduction="parts"`` their :class:`~mlx_jax.reductions.ReductionParts`, a (positive,
+    negative) tuple of them with ``balance="pos_neg"`` (each kind has its own denominators)."""
     if balance == "pos_neg":
-        return reductions.reduce_terms(
-            positive.loss, positive.weight, reduction, positive.nonzero
-        ) + reductions.reduce_terms(negative.loss, negative.weight, reduction, negative.nonzero)
+        kinds = tuple(
+            reductions.reduce_terms(sums.loss, sums.weight, reduction, sums.nonzero)
+            for sums in (positive, negative)
+        )
+        return kinds if reduction == reductions.PARTS else kinds[0] + kinds[1]
     return reductions.reduce_terms(
         positive.loss + negative.loss,
         positive.weight + negative.weight,
@@ -160,18 +222,27 @@ def reduce_pair_terms(
     A pair's weight is its first sample's weight; zero-weight samples drop out of every pair.
     ``balance="pairs"`` reduces positive and negative pairs together; ``"pos_neg"`` reduces each
     kind on its own and adds the two (pytorch-metric-learning's convention for pair losses).
-    ``reduction="none"`` returns the [B, B] matrix of weighted pair losses.
+    ``reduction="none"`` returns the [B, B] matrix of weighted pair losses; ``"parts"`` the
+    reduction's sums (:func:`reduce_pair_sums`). A batch with an :class:`AnchorRows` range
+    reduces those rows of the matrices only (``"none"``: [size, B]).
     """
     _checks.choice(balance, "balance", reductions.BALANCES)
-    reductions.check_reduction(reduction)
-    rows = Rows(
-        jnp.arange(batch.labels.shape[0]),
-        batch.embeddings,
-        batch.labels,
-        batch.anchor_weights,
-        batch.anchor_weights > 0,
-        every_row=True,
-    )
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
+    if batch.anchor_rows is None:
+        index = jnp.arange(batch.labels.shape[0])
+        row_data = (batch.embeddings, batch.labels, batch.anchor_weights)
+    else:
+        start, count = batch.anchor_rows
+        index = start + jnp.arange(count, dtype=jnp.int32)
+        row_data = tuple(
+            jax.lax.dynamic_slice_in_dim(a, start, count)
+            for a in (batch.embeddings, batch.labels, batch.anchor_weights)
+        )
+        positive_terms, negative_terms = (
+            jax.lax.dynamic_slice_in_dim(t, start, count) for t in (positive_terms, negative_terms)
+        )
+    x, labels, weights = row_data
+    rows = Rows(index, x, labels, weights, weights > 0, every_row=batch.anchor_rows is None)
     result = pair_rows(rows, batch, positive_terms, negative_terms, reduction)
     return reduce_pair_rows(result, reduction, balance)
 

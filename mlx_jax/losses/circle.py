@@ -68,7 +68,7 @@ def circle_loss(
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.non_negative(m, "m")
     _checks.positive(gamma, "gamma")
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     normalized = l2_normalize(batch.embeddings)
 
     def per_rows(rows: Rows):

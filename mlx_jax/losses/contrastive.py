@@ -67,7 +67,7 @@ def contrastive_loss(
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.non_negative(margin, "margin")
     _checks.choice(balance, "balance", reductions.BALANCES)
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     if squared and (pos_margin != 0.0 or neg_margin is not None):
         raise ValueError(
             "pos_margin/neg_margin are PML's non-squared hinges: pass squared=False with them "

@@ -117,7 +117,7 @@ def fast_ap_loss(
     """
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     num_bins = _checks.positive_int(num_bins, "num_bins")
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     # Rows of the normalized batch: rows.squared_distances gives d_qj of unit vectors.
     unit_batch = batch._replace(embeddings=l2_normalize(batch.embeddings))
 

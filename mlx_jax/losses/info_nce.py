@@ -174,7 +174,7 @@ def ntxent_loss(
     """
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _check_temperature(temperature)
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     normalized = l2_normalize(batch.embeddings)
 
     def per_rows(rows: Rows):
@@ -251,7 +251,7 @@ def supcon_loss(
     """
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _check_temperature(temperature)
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     normalized = l2_normalize(batch.embeddings)
 
     def per_rows(rows: Rows):

@@ -102,14 +102,14 @@ def lifted_structure_loss(
       scalar (or [B, B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
 
     def negative_rows(rows: Rows):
         _, negative = rows.pair_masks(batch)
         return masked_logsumexp(neg_margin - _distances(rows, batch), negative)
 
     # every sample's negatives, anchor or not: a pair (i, j) needs j's as well as i's
-    every_row = batch._replace(anchor_weights=batch.weights)
+    every_row = batch._replace(anchor_weights=batch.weights, anchor_rows=None)
     negative_lse, has_negative = map_anchor_rows(negative_rows, every_row, block_size)
 
     def pair_rows(rows: Rows, row_lse: jax.Array, row_has_negative: jax.Array):
@@ -191,7 +191,7 @@ def generalized_lifted_structure_loss(
       scalar (or [B] for ``reduction="none"``) in the compute dtype (at least float32).
     """
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
 
     def per_rows(rows: Rows):
         positive, negative = rows.pair_masks(batch)

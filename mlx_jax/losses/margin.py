@@ -144,7 +144,7 @@ def margin_loss(
     )
     _checks.non_negative(margin, "margin")
     _checks.non_negative(nu, "nu")
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     x, beta = _checks.promote_all(batch.embeddings, beta)
     batch = batch._replace(embeddings=l2_normalize(x), weights=batch.weights.astype(x.dtype))
     size = batch.labels.shape[0]
@@ -166,9 +166,12 @@ def margin_loss(
         positive_sums = pair_row_sums(positive, positive_terms, rows.weights * negatives)
         negative_sums = pair_row_sums(negative, negative_terms, rows.weights * positives)
         triplets = rows.weights * positives * negatives
-        return positive_sums, negative_sums, triplets
+        # Σ over the row's triplets of w_a·β_{y_a} (zero-triplet anchors add 0; the where
+        # keeps an out-of-range label's NaN β out of those)
+        triplet_beta = jnp.where(triplets > 0, triplets * row_beta, 0.0)
+        return positive_sums, negative_sums, triplets, triplet_beta
 
-    positive_sums, negative_sums, triplets = map_anchor_rows(
+    positive_sums, negative_sums, triplets, triplet_beta = map_anchor_rows(
         per_rows, batch, block_size, anchor_beta
     )
     loss = positive_sums.loss + negative_sums.loss
@@ -177,9 +180,12 @@ def margin_loss(
     weight = positive_sums.weight + negative_sums.weight
     nonzero = positive_sums.nonzero + negative_sums.nonzero
     if per_class:
-        # Σ_T ν·w_a·β_{y_a} shares the pair terms' denominator (zero-triplet anchors add 0;
-        # the where keeps an out-of-range label's NaN β out of those)
-        regularizer = nu * jnp.where(triplets > 0, triplets * anchor_beta, 0.0)
-        return reductions.reduce_terms(loss + regularizer, weight, reduction, nonzero)
+        # Σ_T ν·w_a·β_{y_a} shares the pair terms' denominator
+        return reductions.reduce_terms(loss + nu * triplet_beta, weight, reduction, nonzero)
     value = reductions.reduce_terms(loss, weight, reduction, nonzero)
-    return value + jnp.where(jnp.sum(triplets) > 0, nu * beta, 0.0)
+    count = jnp.sum(triplets)
+    if reduction == reductions.PARTS:
+        # ν·β once if the whole batch has a triplet: ν·β·T / T as a fixed "mean" part
+        shared = reductions.ReductionParts(nu * beta * count, count, count, reduction="mean")
+        return value, shared
+    return value + jnp.where(count > 0, nu * beta, 0.0)

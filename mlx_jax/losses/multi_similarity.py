@@ -97,7 +97,7 @@ def multi_similarity_loss(
     _checks.positive(alpha, "alpha")
     _checks.positive(beta, "beta")
     _checks.non_negative(epsilon, "epsilon")
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     _checks.choice(mining, "mining", MININGS)
     normalized = l2_normalize(batch.embeddings)
 

@@ -114,7 +114,7 @@ def triplet_loss(
     """
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _checks.choice(mining, "mining", MINING)
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     _checks.non_negative(margin, "margin")
     if semihard_fallback not in ("farthest", "drop"):
         raise ValueError(

@@ -100,7 +100,7 @@ def tuplet_margin_loss(
     batch = prepare_batch(embeddings, labels, weights, anchors=anchors)
     _check_margin(margin)
     _checks.positive(scale, "scale")
-    reductions.check_reduction(reduction)
+    reductions.check_reduction(reduction, reductions.WITH_PARTS)
     slack = margin * (math.pi / 180.0)
     normalized = l2_normalize(batch.embeddings)
 
