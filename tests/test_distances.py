@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlx_jax import distances
 from mlx_jax.distances import (
     UnsupportedMetricError,
     all_pairs_squared_euclidean,
@@ -216,3 +217,31 @@ class TestAllPairsVariants(chex.TestCase):
         np.testing.assert_allclose(value, reference(x, x, "squared_euclidean").sum(), rtol=1e-5)
         # Σ_ij ‖x_i − x_j‖² has gradient 4·Σ_j (x_i − x_j) = 4·B·(x_i − mean).
         np.testing.assert_allclose(grad, 4 * 16 * (x - x.mean(0)), rtol=1e-4, atol=1e-4)
+
+
+def test_column_normalization_matches_the_plain_formula_and_its_gradient():
+    """l2_normalize(w, axis=0) on a matrix runs a custom VJP (ones-vector matmuls for the
+    column sums): same values and gradients as x / max(‖x‖, eps) by autodiff, a zero column
+    and a column below eps included."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 9))
+    w[:, 2] = 0.0
+    w[:, 4] *= 1e-14
+    cotangent = rng.normal(size=w.shape)
+
+    def plain(v, eps=distances.NORMALIZE_EPS):
+        squared = jnp.sum(v * v, axis=0, keepdims=True)
+        return v * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+    with jax.enable_x64(True):
+        wj, cj = jnp.asarray(w), jnp.asarray(cotangent)
+        for axis in (0, -2):
+            value = distances.l2_normalize(wj, axis=axis)
+            np.testing.assert_allclose(value, plain(wj), rtol=1e-14, atol=1e-300)
+            grad = jax.grad(
+                lambda v, axis=axis: jnp.sum(distances.l2_normalize(v, axis=axis) * cj)
+            )(wj)
+            expected = jax.grad(lambda v: jnp.sum(plain(v) * cj))(wj)
+            np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-12)
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(np.asarray(value)[:, 2], 0.0)
