@@ -66,9 +66,21 @@ def _unit_centers(w: jax.Array, per_class: int) -> jax.Array:
     return l2_normalize(w, axis=0).reshape(w.shape[0], -1, per_class)
 
 
-def _relaxed_similarity(cosines: jax.Array, gamma) -> jax.Array:
-    """S' = Σ_k softmax_k(cos_k / γ)·cos_k over the last axis (Eq. 8)."""
-    return jnp.sum(jax.nn.softmax(cosines / gamma, axis=-1) * cosines, axis=-1)
+def _relaxed_similarity(cosines: jax.Array, gamma, axis: int = -1) -> jax.Array:
+    """S' = Σ_k softmax_k(cos_k / γ)·cos_k over the centers' ``axis`` (Eq. 8)."""
+    return jnp.sum(jax.nn.softmax(cosines / gamma, axis=axis) * cosines, axis=axis)
+
+
+def _class_similarities(x_hat: jax.Array, w_hat: jax.Array, gamma) -> jax.Array:
+    """S'_{i,c} [B, C] of unit rows x̂ [B, D] and unit centers ŵ [D, C, K].
+
+    The centers are reordered center-major ([D, K, C], a copy of W) so the matmul yields
+    [B, K, C] cosines and the softmax over a class's K centers runs over a major axis: XLA:CPU
+    takes 1.7–2.8× longer over a minor axis of length K."""
+    dim, num_classes, per_class = w_hat.shape
+    k_major = w_hat.transpose(0, 2, 1).reshape(dim, per_class * num_classes)
+    cosines = jnp.matmul(x_hat, k_major, precision=HIGHEST)
+    return _relaxed_similarity(cosines.reshape(-1, per_class, num_classes), gamma, axis=1)
 
 
 def _target_similarity(x_hat, w_hat, labels, gamma) -> jax.Array:
@@ -82,8 +94,7 @@ def _target_similarity(x_hat, w_hat, labels, gamma) -> jax.Array:
 
 def _dense_terms(x_hat, w_hat, labels, la, gamma, margin) -> jax.Array:
     """Per-sample cross-entropy [B] from the whole [B, C] relaxed-similarity matrix."""
-    cosines = jnp.einsum("bd,dck->bck", x_hat, w_hat, precision=HIGHEST)
-    similarity = _relaxed_similarity(cosines, gamma)
+    similarity = _class_similarities(x_hat, w_hat, gamma)
     logits = la * (similarity - margin * target_mask(labels, w_hat.shape[1]))
     return cross_entropy_terms(logits, labels)
 
@@ -103,8 +114,7 @@ def _blockwise_terms(x_hat, w_hat, labels, la, gamma, margin, class_block_size) 
 
     def block_logsumexp(inputs):
         start, w_block = inputs
-        cosines = jnp.einsum("bd,dck->bck", x_hat, w_block, precision=HIGHEST)
-        similarity = _relaxed_similarity(cosines, gamma)
+        similarity = _class_similarities(x_hat, w_block, gamma)
         classes = start + jnp.arange(class_block_size, dtype=labels.dtype)
         is_target = labels[:, None] == classes[None, :]
         logits = la * (similarity - margin * is_target)

@@ -36,7 +36,6 @@ from mlx_jax.losses.margin_softmax import (
     Boundary,
     check_margins,
     combined_margin_target,
-    cosine_logits,
     margin_cross_entropy,
 )
 
@@ -77,9 +76,18 @@ def _check_inputs(embeddings, labels, class_weights, weights, sub_centers):
     return x, batch.labels, w, batch.weights.astype(x.dtype), k
 
 
-def _class_cosines(cosines: jax.Array, sub_centers: int) -> jax.Array:
-    """[B, C·K] sub-center cosines → [B, C] class cosines (max over each class's K columns)."""
-    return jnp.max(cosines.reshape(cosines.shape[0], -1, sub_centers), axis=2)
+def _class_cosines(x_hat: jax.Array, w_hat: jax.Array, sub_centers: int) -> jax.Array:
+    """Class cosines max_k x̂_i·ŵ_{jK+k} [B, C] of unit rows x̂ [B, D] and unit class-major
+    sub-center columns ŵ [D, C·K].
+
+    The columns are reordered sub-center-major ([D, K·C], a copy of W) before the matmul, so
+    the max runs over the major axis of [B, K, C] cosines: XLA:CPU takes about twice as long
+    for a max (and its gradient) over a minor axis of length K."""
+    dim, columns = w_hat.shape
+    classes = columns // sub_centers
+    k_major = w_hat.reshape(dim, classes, sub_centers).transpose(0, 2, 1).reshape(dim, columns)
+    cosines = jnp.matmul(x_hat, k_major, precision=HIGHEST)
+    return jnp.max(cosines.reshape(x_hat.shape[0], sub_centers, classes), axis=1)
 
 
 def _own_sub_center_cosines(x_hat, w_hat, labels, sub_centers):
@@ -111,12 +119,11 @@ def _blockwise_cross_entropy(x_hat, w_hat, target, labels, row_scale, sub_center
     def step(carry, inputs):
         running_max, running_sum = carry
         start, w_block = inputs
-        cosines = jnp.matmul(x_hat, w_block, precision=HIGHEST)
         classes = start + jnp.arange(block_size, dtype=labels.dtype)
         replaced = jnp.where(
             labels[:, None] == classes[None, :],
             target[:, None],
-            _class_cosines(cosines, sub_centers),
+            _class_cosines(x_hat, w_block, sub_centers),
         )
         logits = jnp.where(
             (classes < num_classes)[None, :], row_scale[:, None] * replaced, -jnp.inf
@@ -240,8 +247,7 @@ def sub_center_arcface_loss(
     target = combined_margin_target(cos_y, 1.0, margin, 0.0, boundary)
     row_scale = jnp.broadcast_to(jnp.asarray(scale, x.dtype), y.shape)
     if class_block_size is None or class_block_size >= num_classes:
-        cosines = jnp.matmul(x_hat, w_hat, precision=HIGHEST)
-        terms = margin_cross_entropy(_class_cosines(cosines, k), target, y, row_scale)
+        terms = margin_cross_entropy(_class_cosines(x_hat, w_hat, k), target, y, row_scale)
     elif k == 1:
         terms = class_blocks.blockwise_margin_cross_entropy(
             x_hat, w_hat, target, y, row_scale, class_block_size
@@ -266,8 +272,10 @@ def sub_center_cosines(
     """
     k = _checks.positive_int(sub_centers, "sub_centers")
     x = _checks.embeddings_array(embeddings)
-    _num_classes(_checks.class_weights_array(class_weights, x.shape[1]), k)
-    return _class_cosines(cosine_logits(x, class_weights), k)
+    w = _checks.class_weights_array(class_weights, x.shape[1])
+    _num_classes(w, k)
+    x, w = _checks.promote_all(x, w)
+    return _class_cosines(l2_normalize(x, axis=1), l2_normalize(w, axis=0), k)
 
 
 def sub_center_counts(
