@@ -89,8 +89,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for name in args.losses:
         function, hyper = LOSSES[name]
-        for row in _measure_loss(args, getattr(L, function), hyper, x, y):
-            row = {"loss": name, "function": function, "hyper": hyper, **row}
+        load_before = os.getloadavg()[0]
+        measured = _measure_loss(args, getattr(L, function), hyper, x, y)
+        load = [load_before, os.getloadavg()[0]]
+        for row in measured:
+            row = {"loss": name, "function": function, "hyper": hyper, "load_1min": load, **row}
             rows.append(row)
             print(
                 json.dumps({k: v for k, v in row.items() if not k.endswith("_s")}), file=sys.stderr
@@ -217,6 +220,17 @@ def _cpu_model() -> str:
     return cpu_model()
 
 
+def _load_note(rows: list[dict]) -> str:
+    """The host's 1-minute load average around the measurements (other jobs share the cores)."""
+    loads = [v for r in rows for v in r.get("load_1min", [])]
+    if not loads:
+        return ""
+    return (
+        f"; 1-minute load average {min(loads):.1f}–{max(loads):.1f} before/after each loss "
+        f"(on {os.cpu_count()} CPUs: other jobs shared the cores, so single timings are noisy)"
+    )
+
+
 def format_report(args: argparse.Namespace, argv: Sequence[str], rows: list[dict]) -> str:
     """The markdown record: setup, one table row per (loss, N), notes."""
     lines = [
@@ -231,7 +245,8 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], rows: list[dict
         '`benchmarks.losses`), float32, reduction `"mean"`, the losses\' defaults '
         '(`block_size="auto"`); forward + backward w.r.t. the embeddings; per-device: median of '
         f"{args.repeats} calls per side in alternating blocks of {args.block}, wall: median of "
-        f"{args.wall_repeats}; {args.warmup} warm-up call(s) per side, {args.pause} s pauses",
+        f"{args.wall_repeats}; {args.warmup} warm-up call(s) per side, {args.pause} s pauses"
+        + _load_note(rows),
         "- per-device ms: one device's own loss computation, timed alone on one device — the "
         "gather form's full B×B loss (the same for every N) or the row-split form's "
         '`anchors=AnchorRows(start, B/N), reduction="parts"` (traced start) then '
@@ -264,13 +279,16 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], rows: list[dict
         "ratio N; less where work independent of the rows remains: normalizing or centering "
         "all B embeddings, the [B, D] gradient buffers, per-call overhead at small shares). "
         "N = 1 row-split is the range path over all rows (the gather form uses the symmetric "
-        "whole-matrix distances), so their ratio is not exactly 1.",
+        "whole-matrix distances), so their ratio is not exactly 1; a ratio a little above N is "
+        "noise of a loaded host or a smaller working set, not extra work saved.",
         "",
         "Wall columns: the N virtual devices of this host share its cores, so a step's wall "
         "time follows the total work of all devices. The gather form's total is N × the full "
         "loss and grows with N; the row-split form's total is ≈ one full loss and stays flat "
         "(plus the per-device overheads above and the collectives' synchronisation). A flat "
-        "row-split wall time is the expected result here, not a missing speed-up.",
+        "row-split wall time is the expected result here, not a missing speed-up. Beyond "
+        "N = 2 the gather form's wall time can grow faster than N: N devices' thread pools "
+        "oversubscribe the cores.",
         "",
         "rel. diff: |row-split − gather| / |gather| of the loss value (the N-device wall steps; "
         "for N = 1 also the per-device calls).",

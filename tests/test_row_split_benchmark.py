@@ -33,6 +33,7 @@ def test_tiny_run_writes_every_loss_and_device_count(tmp_path):
     text = out.read_text()
     assert "| contrastive | 2 | 8 |" in text and "| triplet_batch_hard | 1 | 16 |" in text
     assert "2 virtual CPU devices" in text and "--batch 16" in text
+    assert "1-minute load average" in text and all(len(r["load_1min"]) == 2 for r in rows)
 
 
 def test_report_ratio_and_difference_columns():
