@@ -11,13 +11,21 @@ import sys
 import pytest
 
 from experiments import cpu_devices
+from tests.conftest import ORIGINAL_CPUS_ENV
+
+# this process's CPUs before a pytest-xdist worker was pinned to its share (tests/conftest.py)
+ALL_CPUS = (
+    [int(c) for c in os.environ[ORIGINAL_CPUS_ENV].split(",")]
+    if os.environ.get(ORIGINAL_CPUS_ENV)
+    else sorted(os.sched_getaffinity(0))
+)
 
 PROBE = """
 import json, os, sys
 from experiments.cpu_devices import use_one_device_per_core
 cores = json.loads(sys.argv[1])
 if cores:
-    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+    os.sched_setaffinity(0, set(json.loads(sys.argv[2])[:cores]))
 first = use_one_device_per_core()
 import jax
 print(json.dumps([first, jax.local_device_count(), use_one_device_per_core()]))
@@ -28,7 +36,7 @@ def probe(env_extra: dict[str, str], cores: int | None = None) -> list:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
     env.update(env_extra, JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(cores)],
+        [sys.executable, "-c", PROBE, json.dumps(cores), json.dumps(ALL_CPUS)],
         env=env,
         capture_output=True,
         text=True,
@@ -43,7 +51,7 @@ def test_one_device_per_core_of_the_affinity_mask():
     assert probe({}) == [cores, cores, None]
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin to 1")
+@pytest.mark.skipif(len(ALL_CPUS) < 2, reason="needs 2 CPUs to pin to 1")
 def test_a_pinned_process_gets_one_device_per_pinned_core():
     assert probe({}, cores=1) == [1, 1, None]
 
