@@ -1,6 +1,7 @@
 import os
 
 import hypothesis
+import pytest
 
 # Under pytest-xdist (-n N) each worker runs on its own share of the CPUs: XLA sizes its thread
 # pool from the affinity mask, and N workers each spinning a pool over every core spent half the
@@ -32,3 +33,19 @@ hypothesis.settings.load_profile("default")
 # tests/multidevice/ needs 8 virtual devices, fixed when jax initialises: it runs in its own
 # process through tests/test_multidevice.py, never in this one.
 collect_ignore = ["multidevice"]
+
+
+@pytest.fixture
+def all_cpus():
+    """Runs the test on every CPU of the session, not its pytest-xdist worker's share (a test
+    that pins processes to CPUs itself, e.g. ``campaign --jobs 2``)."""
+    original = os.environ.get(ORIGINAL_CPUS_ENV)
+    if not original or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(c) for c in original.split(",")})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)

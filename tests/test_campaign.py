@@ -46,6 +46,7 @@ def test_seed001_table_lists_every_row_with_the_seed_number(tmp_path):
 def test_parallel_jobs_run_rows_in_pinned_processes_and_report_failures(
     data_dir,  # noqa: F811
     tmp_path,
+    all_cpus,
 ):
     out = tmp_path / "campaign"
     loud = [flag for flag in TINY if flag != "--quiet"]
@@ -175,7 +176,9 @@ def test_epoch_estimate_is_the_rows_own_last_epoch_else_the_median_of_the_others
     assert campaign.epoch_minutes(tmp_path, rows, rows[4]) == 7.0
 
 
-def test_a_fresh_row_does_not_start_when_one_epoch_would_overrun_the_time_box(tmp_path, capsys):
+def test_a_fresh_row_does_not_start_when_one_epoch_would_overrun_the_time_box(
+    tmp_path, capsys, all_cpus
+):
     out = tmp_path / "campaign"
     done, fresh = ("fashion_mnist", 2, "xent"), ("fashion_mnist", 2, "cent")
     _write_epochs(out, done, [10.0], finished=True)
