@@ -32,11 +32,12 @@ def test_every_thunk_row_has_a_positive_time(profile):
 
 def test_the_head_matmuls_are_classified_as_matmuls(profile):
     matmuls = [r for r in profile.rows if r.info.category == prof.MATMUL]
-    # x·W forward, and the two gradients (dx, dW): YNNPACK fusions or Eigen dots.
-    assert len(matmuls) >= 3, [(r.name, r.info.kind) for r in profile.rows]
-    for row in matmuls:
-        assert row.name.startswith(("ynn_fusion", "dot")), row.name
-        assert row.info.flops == 2 * 32 * 8 * 64, (row.name, row.info.flops)
+    for row in matmuls:  # YNNPACK fusions, Eigen dots, or dots XLA fused with elementwise ops
+        assert row.name.startswith("ynn_fusion") or "dot" in row.name, row.name
+    # x·W forward, and the two gradients (dx, dW); W's column norms add small ones-vector dots
+    head = [r for r in matmuls if r.info.flops == 2 * 32 * 8 * 64]
+    assert len(head) >= 3, [(r.name, r.info.kind, r.info.flops) for r in profile.rows]
+    matmuls = head
     forward = [r for r in matmuls if r.info.shape == "f32[32,64]"]
     assert forward and any("dot_general" in ops for ops in forward[0].info.jax_ops)
     # The softmax pass is no matmul.
