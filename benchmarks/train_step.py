@@ -120,7 +120,7 @@ def ours_side(
         seed=seed,
         devices=devices,
         conv=conv,
-    )
+    ).with_recipe()
     model = driver.build_model(cfg, IMAGE_SHAPE, NUM_CLASSES)
     optimizer = nnx.Optimizer(model, driver.build_optimizer(cfg, STEPS_IN_DATA), wrt=nnx.Param)
     model.train()

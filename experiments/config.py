@@ -57,6 +57,47 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+# ---- default recipes
+# A recipe field left unset (None) takes its value from the loss's family recipe: seed 001's
+# softmax-supervised losses, its center-only loss, and every other loss. The families' recipes
+# are chosen on a validation split (``python -m experiments.recipes select``; BENCHMARKS.md,
+# accuracy). Keys: Config field names, ``loss_config.NAME`` for loss settings.
+FAMILIES = {"softmax": ("xent", "cent"), "center": ("standalone",)}
+BASE_RECIPE: dict[str, Any] = {
+    "epochs": 20,
+    "augment": "none",
+    "max_shift": 2,
+    "clip_norm": 5.0,
+    "loss_config.inter_eps": LOG_EPS,
+}
+FAMILY_RECIPES: dict[str, dict[str, Any]] = {"softmax": {}, "center": {}}
+
+
+def family(loss: str) -> str | None:
+    """The recipe family of ``loss`` (a key of :data:`FAMILIES`), or None."""
+    return next((name for name, members in FAMILIES.items() if loss in members), None)
+
+
+def recipe(loss: str) -> dict[str, Any]:
+    """The values unset recipe fields take for ``loss``: its family's recipe over the base."""
+    return {**BASE_RECIPE, **FAMILY_RECIPES.get(family(loss), {})}
+
+
+def _recipe_help(key: str) -> str:
+    def show(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    parts = [
+        f"{name} family ({', '.join(FAMILIES[name])}) {show(recipe(FAMILIES[name][0])[key])}"
+        for name in FAMILIES
+    ]
+    return (
+        "unset: the loss family's recipe: "
+        + ", ".join(parts)
+        + (f", other losses {show(BASE_RECIPE[key])}")
+    )
+
+
 def _loss_names() -> list[str]:
     from experiments.objectives import OBJECTIVES
 
@@ -75,10 +116,11 @@ class LossConfig:
     )
     weight_intra: float = option(1.0, "standalone: weight of the intra term (seed 001: 1.0)")
     weight_inter: float = option(0.1, "standalone: weight of the inter term (seed 001: 0.1)")
-    inter_eps: float = option(
-        LOG_EPS,
+    inter_eps: float | None = option(
+        None,
         "standalone: ε in the inter term's log(‖x_i − x_j‖² + ε); a pair's gradient is at "
-        "most 1/sqrt(ε) (default: pytorch-center-loss's distance floor)",
+        f"most 1/sqrt(ε) (base: {LOG_EPS:g}, pytorch-center-loss's distance floor); "
+        + _recipe_help("loss_config.inter_eps"),
         above=0.0,
     )
     margin: float | None = option(
@@ -107,7 +149,9 @@ class Config:
     dataset: str = option("mnist", "dataset", choices=DATASETS, cli=False)
     loss: str = option("standalone", "the loss to train", choices=_loss_names)
     feat_dim: int = option(2, "embedding dimension (seed 001: 2, 128)", minimum=1)
-    epochs: int = option(20, "training epochs", minimum=1)
+    epochs: int | None = option(
+        None, "training epochs (cosine schedule); " + _recipe_help("epochs"), minimum=1
+    )
     batch_size: int = option(128, "batch size (seed 001: 128)", minimum=1)
     lr: float = option(0.01, "peak learning rate (seed 001: 0.01)", above=0.0)
     momentum: float = option(0.9, "SGD Nesterov momentum (pytorch-center-loss)", minimum=0.0)
@@ -115,20 +159,23 @@ class Config:
     warmup_epochs: float = option(
         0.5, "linear warm-up length in epochs before the cosine decay to 0", minimum=0.0
     )
-    clip_norm: float = option(
-        5.0,
+    clip_norm: float | None = option(
+        None,
         "clip gradients to this global norm; each epoch's metrics give the mean norm before "
-        "clipping (grad_norm) and the share of steps clipped (clipped_fraction)",
+        "clipping (grad_norm) and the share of steps clipped (clipped_fraction); "
+        + _recipe_help("clip_norm"),
         above=0.0,
     )
-    augment: str = option(
-        "none",
+    augment: str | None = option(
+        None,
         "random augmentation of training batches: shift moves each image by up to "
         "--max-shift pixels; shift-flip also mirrors half of them (clothes, CIFAR; not "
-        "digits); seed 001 uses none",
+        "digits); seed 001 uses none; " + _recipe_help("augment"),
         choices=("none", "shift", "shift-flip"),
     )
-    max_shift: int = option(2, "largest --augment shift in pixels", minimum=0)
+    max_shift: int | None = option(
+        None, "largest --augment shift in pixels; " + _recipe_help("max_shift"), minimum=0
+    )
     center_update: str = option(
         "alpha",
         "alpha: Wen et al.'s α rule; sgd: centers as parameters (pytorch-center-loss, SGD at "
@@ -148,6 +195,14 @@ class Config:
     seed: int = option(0, "random seed (initialisation and data order)")
     limit: int | None = option(
         None, "use only the first N examples of each split (quick runs)", minimum=1, metavar="N"
+    )
+    val_size: int | None = option(
+        None,
+        "hold out the last N training images as a validation set: train on the rest and "
+        "evaluate on them instead of the test set (choose recipes here; report test accuracy "
+        "only for the final choice)",
+        minimum=1,
+        metavar="N",
     )
     eval_examples: int = option(
         2000,
@@ -293,32 +348,47 @@ class Config:
         """``runs/DATASET-LOSS-featD``: where a run goes when no workdir is given."""
         return f"runs/{self.dataset}-{self.loss}-feat{self.feat_dim}"
 
+    def with_recipe(self) -> Config:
+        """This configuration with its unset recipe fields set from :func:`recipe`."""
+        values = recipe(self.loss)
+        top = {k: v for k, v in values.items() if "." not in k and getattr(self, k) is None}
+        nested = {
+            k.split(".", 1)[1]: v
+            for k, v in values.items()
+            if k.startswith("loss_config.")
+            and getattr(self.loss_config, k.split(".", 1)[1]) is None
+        }
+        loss_config = dataclasses.replace(self.loss_config, **nested)
+        return dataclasses.replace(self, loss_config=loss_config, **top)
+
     def validate(self) -> Config:
-        """Checks every field against its metadata and the cross-field rules; returns self.
+        """Sets the unset recipe fields (:meth:`with_recipe`), checks every field against its
+        metadata and the cross-field rules, and returns the completed configuration.
 
         Raises:
           ConfigError: naming the flag, the allowed range or values, and the value given.
         """
-        for owner in (self, self.loss_config):
+        config = self.with_recipe()
+        for owner in (config, config.loss_config):
             for field in dataclasses.fields(owner):
                 if field.name == "loss_config":  # checked as its own dataclass
                     continue
                 _check_field(field, getattr(owner, field.name))
-        if self.held_out_classes is not None:
-            if not self.held_out_classes:
+        if config.held_out_classes is not None:
+            if not config.held_out_classes:
                 raise ConfigError("--held-out-classes needs at least one class id")
-        balanced = self.objective.balanced_batches
-        if balanced and self.samples_per_class and self.batch_size % self.samples_per_class:
+        balanced = config.objective.balanced_batches
+        if balanced and config.samples_per_class and config.batch_size % config.samples_per_class:
             raise ConfigError(
-                f"--batch-size ({self.batch_size}) must be a multiple of --samples-per-class "
-                f"({self.samples_per_class}) for --loss {self.loss}"
+                f"--batch-size ({config.batch_size}) must be a multiple of --samples-per-class "
+                f"({config.samples_per_class}) for --loss {config.loss}"
             )
-        if self.devices is not None and self.batch_size % self.devices:
+        if config.devices is not None and config.batch_size % config.devices:
             raise ConfigError(
-                f"--batch-size ({self.batch_size}) must be divisible by --devices "
-                f"({self.devices}) so that every device embeds an equal shard"
+                f"--batch-size ({config.batch_size}) must be divisible by --devices "
+                f"({config.devices}) so that every device embeds an equal shard"
             )
-        return self
+        return config
 
     def to_json(self) -> dict:
         """What the run computes (run settings left out), as written to config.json."""
@@ -363,8 +433,8 @@ def stored_differences(stored: dict, config: Config) -> dict[str, tuple[Any, Any
     ran at the default then, so the default stands in for it. Keys that are run settings now
     (older runs stored ``out`` and ``data_dir``) are ignored, and so is an unset
     ``samples_per_class`` (the run stored the number it chose)."""
-    current = config.to_json()
-    defaults = Config(dataset=config.dataset).to_json()
+    current = config.with_recipe().to_json()
+    defaults = Config(dataset=config.dataset, loss=config.loss).with_recipe().to_json()
     diff: dict[str, tuple[Any, Any]] = {}
     for key, new in current.items():
         if key == "samples_per_class" and new is None:

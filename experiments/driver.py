@@ -582,9 +582,17 @@ def prepare(
         limit=config.limit,
         create_data_dir=config.create_data_dir,
     )
+    if config.val_size is not None:
+        if config.val_size >= len(dataset.train_labels):
+            raise ConfigError(
+                f"--val-size must be below the {len(dataset.train_labels)} training images, "
+                f"got {config.val_size}"
+            )
+        dataset = data_lib.validation_split(dataset, config.val_size)
     log(
         f"data: {dataset.source}: {len(dataset.train_labels)} train, "
-        f"{len(dataset.test_labels)} test"
+        f"{len(dataset.test_labels)} {dataset.evaluation}"
+        + ("; the test set is not used" if dataset.evaluation != "test" else "")
     )
     class_names = dataset.class_names
     open_data = _open_set_data(config, dataset)
@@ -867,11 +875,11 @@ def evaluate_epoch(
         train_n, test_n = min(train_n, config.eval_examples), min(test_n, config.eval_examples)
     what = "final evaluation" if full else f"evaluating epoch {epoch}"
     if full:
-        exp.log(f"{what}: {test_n} test and {train_n} training images")
+        exp.log(f"{what}: {test_n} {dataset.evaluation} and {train_n} training images")
     graph = distributed.local_copy(state.graph)  # this process's copy
     model, _ = nnx.merge(exp.eval_graphdef, graph)
     train_f = exp.embed(graph, dataset.train_images[:train_n], f"{what}: train")
-    test_f = exp.embed(graph, dataset.test_images[:test_n], f"{what}: test")
+    test_f = exp.embed(graph, dataset.test_images[:test_n], f"{what}: {dataset.evaluation}")
     train_y, test_y = dataset.train_labels[:train_n], dataset.test_labels[:test_n]
     row = closed_set_metrics(config, model, train_f, train_y, test_f, test_y, exp.num_classes)
     row["eval_test_examples"] = test_n
@@ -966,6 +974,7 @@ def _draw(exp: Experiment, frame: Frame, path: pathlib.Path, epoch: int, limits=
         train_hollow=frame.train_hollow if frame.train_hollow.any() else None,
         test_hollow=frame.test_hollow if frame.test_hollow.any() else None,
         hollow_label="held out (hollow)",
+        test_name=exp.dataset.evaluation,
     )
 
 
@@ -1033,6 +1042,8 @@ def finish(exp: Experiment, history: list[dict]) -> dict:
         "feat_dim": exp.config.feat_dim,
         "epochs": len(history),
         "complete": True,
+        # what "accuracy" and the other metrics were measured on: "test" or "validation"
+        "evaluated_on": exp.dataset.evaluation,
         "final": history[-1],
         # per-epoch subsets before the last epoch: the best by the same fixed subset
         "best": max(history, key=lambda h: h["accuracy"]),
@@ -1146,7 +1157,7 @@ def train_and_evaluate(
             f"epoch {epoch}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
             f"knn {row['knn_accuracy']:.4f} P@1 {row['precision_at_1']:.4f} "
             f"({row['train_seconds']:.0f}s training, {row['eval_seconds']:.0f}s evaluation "
-            f"of {row['eval_test_examples']} test images)"
+            f"of {row['eval_test_examples']} {exp.dataset.evaluation} images)"
         )
         if config.stop_after is not None and config.stop_after <= epoch < config.epochs:
             return _stopped(exp, history, f"stopped after epoch {epoch} (--stop-after)")

@@ -465,6 +465,7 @@ def train_test_figure(
     train_hollow=None,
     test_hollow=None,
     hollow_label: str = "unseen (hollow)",
+    test_name: str = "test",
 ) -> Path:
     """Saves two scatter panels side by side — train | test — sharing axes, colours and legend.
 
@@ -479,6 +480,7 @@ def train_test_figure(
       limits: ((xmin, xmax), (ymin, ymax)) for both panels, or None.
       class_names: legend names indexed by label. train_hollow / test_hollow: optional bool
         masks of points drawn hollow; ``hollow_label`` explains them in the legend.
+      test_name: the second panel's name (``"validation"`` for held-out training images).
 
     Returns:
       The path written. The image is 1000×560 px (10×5.6 in at 100 dpi).
@@ -502,7 +504,7 @@ def train_test_figure(
 
     fig = Figure(figsize=DOUBLE_SIZE, dpi=DPI)
     for i, (name, x, y, h) in enumerate(
-        [("train", train, train_y, train_h), ("test", test, test_y, test_h)]
+        [("train", train, train_y, train_h), (test_name, test, test_y, test_h)]
     ):
         ax = _axes(fig, AXES_LEFT + i * DOUBLE_SIZE[0] / 2, DOUBLE_AXES_BOTTOM, AXES_SIZE)
         _draw(ax, x, y, h, limits)

@@ -248,7 +248,7 @@ def test_help_shows_no_none_defaults_and_describes_the_process_tuning(capsys):
     text = capsys.readouterr().out
     assert "(default: None)" not in text
     assert "--no-process-tuning" in text and "experiments/tuning.py" in text
-    assert "(default: 20)" in text  # --epochs: real defaults are still shown
+    assert "(default: 128)" in text  # --batch-size: real defaults are still shown
     assert "--workdir DIR, --out DIR" in text
 
 
