@@ -251,3 +251,14 @@ def test_the_twelve_final_rows_are_seed_001s():
         for dim in (2, 128)
         for loss in ("xent", "cent", "standalone")
     )
+
+
+def test_the_table_stage_writes_both_tables_without_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "run_rows", lambda *args: pytest.fail("table stage trained"))
+    finish_selection(tmp_path, SCORES)
+    row = ("mnist", 128, "standalone")
+    fake_run(campaign.run_dir(recipes.final_dir(tmp_path, 1), row), 0.995, "test")
+    assert recipes.main(["table", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "select" / "table.md").read_text().count("**chosen**") == 2
+    final = (tmp_path / "final" / "table.md").read_text()
+    assert "| mnist | 128 | standalone | 0.996 | 0.9950 ± 0.0000 | 0.9950 | 1 | meets |" in final
