@@ -4,6 +4,7 @@ twelve rows at those defaults over several seeds.
     python -m experiments.recipes select --out runs/recipes --jobs 2   # candidates, validation
     python -m experiments.recipes final --out runs/recipes --jobs 2    # 12 rows x 3 seeds, test
     python -m experiments.recipes table --out runs/recipes             # rewrite both tables
+    python -m experiments.recipes status --out runs/recipes --jobs 2   # progress, time left
 
 **select** trains every candidate recipe of a family (``CANDIDATES``) on the family's
 selection rows (Fashion-MNIST at feature dims 2 and 128, seed 0) on the first 55,000 training
@@ -18,6 +19,9 @@ driver's default recipes (``experiments.config.FAMILY_RECIPES``) are the candida
 chose, so that the reported test accuracy is that of the recipe chosen on validation data.
 OUT/final/table.md gives each row's mean +- standard deviation and minimum over the seeds
 beside seed 001's 100-epoch accuracy.
+
+**status** counts each stage's finished and recorded epochs and estimates the hours left from
+the epochs measured so far (``--jobs`` rows at once).
 
 Both stages run through :func:`experiments.campaign.run_rows`: a finished run is skipped, a
 started one resumes from its checkpoint (so the campaign continues across sessions: rerun the
@@ -256,6 +260,53 @@ def final_table(out: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- status
+
+
+def stage_runs(out: pathlib.Path) -> dict[str, list[tuple[pathlib.Path, campaign.Row]]]:
+    """Every run each stage plans, as (campaign folder, row), in the order the stage runs them."""
+    return {
+        "select": [
+            (candidate_dir(out, family, name), row)
+            for family, candidates in CANDIDATES.items()
+            for name in candidates
+            for row in selection_rows(family)
+        ],
+        "final": [(final_dir(out, seed), row) for seed in SEEDS for row in final_rows()],
+    }
+
+
+def status(out: pathlib.Path, jobs: int) -> str:
+    """Each stage's runs finished, epochs recorded, and hours left at ``jobs`` rows at once.
+
+    An epoch's cost is the median of the stage's runs' last recorded epochs; the final stage
+    trains on all training images, so before it has its own it takes the selection's epochs
+    scaled by the training-set sizes (60,000 / (60,000 - VAL_SIZE): both datasets have 60,000).
+    """
+    lines = []
+    minutes: dict[str, float | None] = {}
+    for stage, runs in stage_runs(out).items():
+        done = epochs = 0
+        latest = []
+        for directory, row in runs:
+            recorded = campaign.recorded_epochs(directory, row)
+            finished = campaign.finished(directory, row) is not None
+            done += finished
+            epochs += EPOCHS if finished else min(len(recorded), EPOCHS)
+            latest += [r["seconds"] / 60 for r in recorded[-1:]]
+        left = len(runs) * EPOCHS - epochs
+        minutes[stage] = statistics.median(latest) if latest else None
+        if minutes[stage] is None and stage == "final" and minutes["select"] is not None:
+            minutes[stage] = minutes["select"] * 60_000 / (60_000 - VAL_SIZE)
+        total = len(runs) * EPOCHS
+        line = f"{stage}: {done} of {len(runs)} runs finished, {left} of {total} epochs left"
+        if minutes[stage] is not None and left:
+            hours = left * minutes[stage] / 60 / jobs
+            line += f", about {hours:.1f} h at {minutes[stage]:.1f} min per epoch and --jobs {jobs}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _minutes_left(start: float, box: float | None) -> float | None:
     return None if box is None else box - (time.time() - start) / 60
 
@@ -266,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("stage", choices=("select", "final", "table"), help="what to run")
+    p.add_argument("stage", choices=("select", "final", "table", "status"), help="what to run")
     p.add_argument("--out", default="runs/recipes", help="campaign folder (default: %(default)s)")
     p.add_argument(
         "--stop-after-minutes",
@@ -279,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     campaign.check_grid_flags(args)
     out = pathlib.Path(args.out)
+    if args.stage == "status":
+        print(status(out, args.jobs))
+        return 0
     try:
         if args.stage == "select":
             select(out, args.stop_after_minutes, args.jobs, args.retries)

@@ -262,3 +262,35 @@ def test_the_table_stage_writes_both_tables_without_training(tmp_path, monkeypat
     assert (tmp_path / "select" / "table.md").read_text().count("**chosen**") == 2
     final = (tmp_path / "final" / "table.md").read_text()
     assert "| mnist | 128 | standalone | 0.996 | 0.9950 ± 0.0000 | 0.9950 | 1 | meets |" in final
+
+
+def test_status_counts_epochs_and_estimates_the_hours_left(tmp_path, capsys):
+    assert recipes.status(tmp_path, 2).splitlines() == [
+        f"select: 0 of 12 runs finished, {12 * recipes.EPOCHS} of {12 * recipes.EPOCHS} epochs left",
+        f"final: 0 of 36 runs finished, {36 * recipes.EPOCHS} of {36 * recipes.EPOCHS} epochs left",
+    ]
+    family, name = "softmax", "plain"
+    rows = recipes.selection_rows(family)
+    fake_run(
+        campaign.run_dir(recipes.candidate_dir(tmp_path, family, name), rows[0]),
+        0.9,
+        "validation",
+        epochs=recipes.EPOCHS,
+        seconds=300.0,
+    )
+    started = campaign.run_dir(recipes.candidate_dir(tmp_path, family, name), rows[1])
+    started.mkdir(parents=True)
+    epoch = json.dumps({"epoch": 1, "seconds": 420.0, "accuracy": 0.5})
+    (started / "metrics.jsonl").write_text(f"{epoch}\n{epoch}\n")
+    select_left = 12 * recipes.EPOCHS - recipes.EPOCHS - 2
+    per_epoch = statistics.median([5.0, 7.0])  # the two runs' last epochs, minutes
+    final_per_epoch = per_epoch * 60_000 / (60_000 - recipes.VAL_SIZE)
+    assert recipes.main(["status", "--out", str(tmp_path), "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"select: 1 of 12 runs finished, {select_left} of {12 * recipes.EPOCHS} epochs left, "
+        f"about {select_left * per_epoch / 60 / 2:.1f} h at {per_epoch:.1f} min per epoch "
+        "and --jobs 2",
+        f"final: 0 of 36 runs finished, {36 * recipes.EPOCHS} of {36 * recipes.EPOCHS} epochs "
+        f"left, about {36 * recipes.EPOCHS * final_per_epoch / 60 / 2:.1f} h at "
+        f"{final_per_epoch:.1f} min per epoch and --jobs 2",
+    ]
