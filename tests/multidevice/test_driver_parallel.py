@@ -105,8 +105,11 @@ def test_cifar_resnet_batchnorm_statistics_are_synchronised(tmp_path, monkeypatc
         argv += ["--epochs", "1", "--quiet", "--loss", "xent", "--devices", devices]
         driver.train_and_evaluate(*cli.parse("cifar10", argv))
         runs[devices] = history(out)[0]
+    # Unsynchronised statistics of one image normalise every activation to zero: an order-1
+    # change. Synchronised ones differ by summation order only, which five clipped steps grow
+    # to ~1e-3 in the intra/inter ratio on jax 0.12.1 (1e-4 in the loss and gradient norm).
     for key in CONTINUOUS:
-        np.testing.assert_allclose(runs["8"][key], runs["1"][key], rtol=1e-3, err_msg=key)
+        np.testing.assert_allclose(runs["8"][key], runs["1"][key], rtol=5e-3, err_msg=key)
 
 
 @pytest.mark.parametrize(
