@@ -178,10 +178,13 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         for s in (signal.SIGINT, signal.SIGTERM)
         if signal.getsignal(s) is not signal.SIG_IGN
     }
+    # Processes must stop at the same step: a lone stop leaves the others in a collective.
+    check_stop = distributed.agreed_stop(lambda: stop.signum) if grid.multi_process else stop.check
     try:
-        driver.train_and_evaluate(config, workdir, check_stop=stop.check)
-    except KeyboardInterrupt:
-        signum = stop.signum or signal.SIGINT
+        driver.train_and_evaluate(config, workdir, check_stop=check_stop)
+    except KeyboardInterrupt as err:
+        signum = stop.signum or getattr(err, "signum", None) or signal.SIGINT
+        source = "" if stop.signum or not getattr(err, "signum", None) else " on another process"
         last = driver.latest_checkpoint(workdir)
         where = (
             f"the last checkpoint is epoch {last[0]} in {last[1]}"
@@ -189,7 +192,7 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
             else "no checkpoint was written yet (the first epoch had not finished)"
         )
         print(
-            f"\nstopped by {signal.Signals(signum).name}; {where}.\n"
+            f"\nstopped by {signal.Signals(signum).name}{source}; {where}.\n"
             f"continue with: {resume_command(dataset, argv)}",
             file=sys.stderr,
         )

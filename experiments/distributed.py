@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from experiments.config import ConfigError
 
@@ -158,6 +161,40 @@ def local_copy(tree: Any) -> Any:
         return leaf
 
     return jax.tree.map(local, tree)
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop every process takes at the same point, requested by signal ``signum`` on at
+    least one of them (:func:`agreed_stop`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def agreed_stop(requested: Callable[[], int | None]) -> Callable[[], None]:
+    """A ``check_stop`` for a multi-process run: raises :class:`StopRequested` on every
+    process once any process's ``requested()`` names a signal, and on none before.
+
+    Why: a process that stopped on its own signal left the others waiting in the next step's
+    collective for it. The check is itself a collective (the processes' signal numbers
+    gathered), so every process must call it at the same points of the run, as the driver
+    does. One process: no collective."""
+    import jax
+
+    def check() -> None:
+        mine = requested() or 0
+        if jax.process_count() == 1:
+            signums = [mine]
+        else:
+            from jax.experimental import multihost_utils
+
+            signums = np.asarray(multihost_utils.process_allgather(np.int32(mine))).ravel()
+        first = next((int(s) for s in signums if s), 0)
+        if first:
+            raise StopRequested(first)
+
+    return check
 
 
 def barrier(name: str) -> None:

@@ -475,6 +475,9 @@ class Experiment:
     log: Callable[..., None]
     started: float
     check_stop: Callable[[], None]  # raises KeyboardInterrupt when a stop was requested
+    # Steps between stop checks: every step in one process; in several, every progress read,
+    # at the same steps on every process (the check may be a collective there).
+    stop_check_every: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -623,6 +626,7 @@ def prepare(
     kernels = (
         None if config.dataset == "cifar10" else resolve_conv(config.conv, config.process_tuning)
     )
+    multi = jax.process_count() > 1
     # Evaluation: oneDNN runs faster on one device with every core as its threads than split
     # over the devices; XLA's kernels run faster split. Each process evaluates on its own.
     eval_devices = 1 if kernels == "onednn" else min(devices, jax.local_device_count())
@@ -651,11 +655,15 @@ def prepare(
         steps=steps,
         eval_graphdef=eval_graphdef,
         train_step=make_train_step(config, graphdef),
-        embed=make_embed(eval_graphdef, config, eval_devices, check_stop=check_stop),
+        # A multi-process evaluation runs per process: no stop check (a collective) there.
+        embed=make_embed(
+            eval_graphdef, config, eval_devices, check_stop=(lambda: None) if multi else check_stop
+        ),
         manager=checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints),
         log=log,
         started=started,
         check_stop=check_stop,
+        stop_check_every=config.progress_every if multi else 1,
     )
 
 
@@ -760,7 +768,8 @@ def train_epoch(exp: Experiment, state: TrainState, epoch: int) -> tuple[TrainSt
     totals = jnp.zeros(5)
     bar = _progress(range(exp.steps), f"epoch {epoch}/{config.epochs}", config.quiet)
     for i in bar:
-        exp.check_stop()
+        if i % exp.stop_check_every == 0:
+            exp.check_stop()
         state, stats = exp.train_step(state, images, labels, i)
         totals = totals + stats
         if (i + 1) % config.progress_every == 0 or i + 1 == exp.steps:
@@ -1102,7 +1111,10 @@ def train_and_evaluate(
 
     ``check_stop`` is called between steps and evaluation chunks (never inside a checkpoint
     save) and may raise KeyboardInterrupt to stop there: the CLI's Ctrl-C and SIGTERM
-    handlers request a stop this way (:class:`experiments.cli.StopRequest`).
+    handlers request a stop this way (:class:`experiments.cli.StopRequest`). In a
+    multi-process run it is called before every ``progress_every``-th step only, at the same
+    steps on every process, so it may be a collective
+    (:func:`experiments.distributed.agreed_stop`).
 
     Returns:
       The summary (also in WORKDIR/summary.json): ``final`` and ``best`` epoch metrics,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -282,6 +283,49 @@ def test_sigterm_to_the_launcher_stops_every_process_at_a_safe_point(launched):
     assert continued and all("python -m experiments.launch" in line for line in continued)
     assert all("--resume" in line and "--process-id" not in line for line in continued)
     assert driver.latest_checkpoint(workdir)[0] < 20
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_stop_signal_to_one_process_stops_every_process_at_the_same_step(launched):
+    """Without an agreed stop, process 0 would wait in the next step's collective for the
+    stopped process 1 until the launcher killed it (no message of its own)."""
+    root, data = launched["root"], launched["data"]
+    workdir = root / "one-stopped"
+    launcher = subprocess.Popen(
+        _launch_command(data, workdir, "--epochs", "20"),
+        env=_env(1),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + PROCESS_TIMEOUT_S
+    while driver.latest_checkpoint(workdir) is None:
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint in time"
+        time.sleep(0.05)
+    victim = _process_with_id(launcher.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    # both end at once: the launcher names the first it sees
+    assert re.search(r"process [01] \(pid \d+\) stopped by SIGTERM", err), err[-3000:]
+    assert "was killed" not in err, err[-3000:]
+    # process 0's own lines are not prefixed: it stopped at the same step and said so
+    own = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert own and "continue with:" in err, err[-3000:]
+    assert driver.latest_checkpoint(workdir)[0] < 20
+
+
+def test_agreed_stop_in_one_process_raises_the_requested_signal():
+    requested = {"signum": None}
+    check = distributed.agreed_stop(lambda: requested["signum"])
+    check()  # nothing requested: no stop
+    requested["signum"] = signal.SIGTERM
+    with pytest.raises(distributed.StopRequested) as info:
+        check()
+    assert info.value.signum == signal.SIGTERM and isinstance(info.value, KeyboardInterrupt)
 
 
 # ----------------------------------------------------------------------------- the settings
