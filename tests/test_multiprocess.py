@@ -219,12 +219,10 @@ def _process_with_id(launcher_pid: int, index: int) -> int | None:
     return None
 
 
-@pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_a_killed_process_fails_the_job_and_the_resumed_run_is_exact(launched):
-    root, data = launched["root"], launched["data"]
-    workdir = root / "killed"
+def _launch_until_first_checkpoint(data_dir, workdir, *extra) -> subprocess.Popen:
+    """A launched 2-process run, returned once its epoch-1 checkpoint exists (it is in epoch 2)."""
     launcher = subprocess.Popen(
-        _launch_command(data, workdir),
+        _launch_command(data_dir, workdir, *extra),
         env=_env(1),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -232,10 +230,18 @@ def test_a_killed_process_fails_the_job_and_the_resumed_run_is_exact(launched):
         text=True,
     )
     deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    while driver.latest_checkpoint(workdir) is None:  # kill during epoch 2
+    while driver.latest_checkpoint(workdir) is None:
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no epoch-1 checkpoint in time"
         time.sleep(0.05)
+    return launcher
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_killed_process_fails_the_job_and_the_resumed_run_is_exact(launched):
+    root, data = launched["root"], launched["data"]
+    workdir = root / "killed"
+    launcher = _launch_until_first_checkpoint(data, workdir)
     victim = _process_with_id(launcher.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
@@ -261,19 +267,7 @@ def test_a_killed_process_fails_the_job_and_the_resumed_run_is_exact(launched):
 def test_sigterm_to_the_launcher_stops_every_process_at_a_safe_point(launched):
     root, data = launched["root"], launched["data"]
     workdir = root / "stopped"
-    launcher = subprocess.Popen(
-        _launch_command(data, workdir, "--epochs", "20"),
-        env=_env(1),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    while driver.latest_checkpoint(workdir) is None:
-        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no epoch-1 checkpoint in time"
-        time.sleep(0.05)
+    launcher = _launch_until_first_checkpoint(data, workdir, "--epochs", "20")
     launcher.terminate()
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -291,19 +285,7 @@ def test_a_stop_signal_to_one_process_stops_every_process_at_the_same_step(launc
     stopped process 1 until the launcher killed it (no message of its own)."""
     root, data = launched["root"], launched["data"]
     workdir = root / "one-stopped"
-    launcher = subprocess.Popen(
-        _launch_command(data, workdir, "--epochs", "20"),
-        env=_env(1),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    while driver.latest_checkpoint(workdir) is None:
-        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no epoch-1 checkpoint in time"
-        time.sleep(0.05)
+    launcher = _launch_until_first_checkpoint(data, workdir, "--epochs", "20")
     victim = _process_with_id(launcher.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGTERM)
