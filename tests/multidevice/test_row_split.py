@@ -67,7 +67,7 @@ def _split_and_single(mesh, loss, hyper, plan):
     return run
 
 
-def _check(name, results, labels, floor=1e-3):
+def _assert_equal_to_single_device(name, results, labels, floor=1e-3):
     for label, ((value, grads), (expected, expected_grads)) in zip(labels, results, strict=True):
         assert_close(value, expected, f"{name} {label} value", floor=floor)
         assert_close(grads[0], expected_grads[0], f"{name} {label} d/d embeddings", floor=floor)
@@ -85,12 +85,12 @@ def test_row_split_equals_the_single_device_loss_on_8_devices(meshes, name, loss
     degenerate = [split_batch("one_class", B), split_batch("singletons", B)]
     plan = [SCALAR, ("mean",), ("mean",)]
     results = _split_and_single(meshes[8], loss, hyper, plan)([mixed, *degenerate], state)
-    _check(name, results[:3], SCALAR)
+    _assert_equal_to_single_device(name, results[:3], SCALAR)
     (value, grads), _ = results[0]
     assert float(value) != 0.0 and np.any(np.asarray(grads[0]) != 0)  # not vacuous
     zero_rows = np.flatnonzero(mixed[2] == 0)
     np.testing.assert_array_equal(np.asarray(grads[0])[zero_rows], 0.0)
-    _check(name, results[3:], ("one_class", "singletons"), floor=1e-2)
+    _assert_equal_to_single_device(name, results[3:], ("one_class", "singletons"), floor=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_row_split_equals_the_single_device_loss_on_8_devices(meshes, name, loss
 def test_row_split_equals_the_single_device_loss_on_2_devices(meshes, name, loss, hyper, state):
     mixed = split_batch("mixed", B, seed=4)
     results = _split_and_single(meshes[2], loss, hyper, [SCALAR])([mixed], state)
-    _check(name, results, SCALAR)
+    _assert_equal_to_single_device(name, results, SCALAR)
 
 
 def test_row_split_needs_the_other_devices_rows():
