@@ -281,8 +281,8 @@ def test_sigterm_to_the_launcher_stops_every_process_at_a_safe_point(launched):
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_stop_signal_to_one_process_stops_every_process_at_the_same_step(launched):
-    """Without an agreed stop, process 0 would wait in the next step's collective for the
-    stopped process 1 until the launcher killed it (no message of its own)."""
+    """Without an agreed stop the job hangs: process 0 waits in the next step's collective
+    for the stopped process 1, which waits for it in jax.distributed's shutdown."""
     root, data = launched["root"], launched["data"]
     workdir = root / "one-stopped"
     launcher = _launch_until_first_checkpoint(data, workdir, "--epochs", "20")
