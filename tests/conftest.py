@@ -1,4 +1,7 @@
 import os
+import shutil
+import sys
+import tempfile
 
 import hypothesis
 import pytest
@@ -24,6 +27,43 @@ def _pin_xdist_worker() -> None:
 
 
 _pin_xdist_worker()
+
+# Most of a test that starts the experiments in a subprocess (a CLI run, a campaign row, a
+# launched process) is XLA compiling the same LeNet++ programs again: a tiny one-epoch run took
+# 26 s, 8.5 s with the programs in JAX's persistent compilation cache. One cache per test run,
+# shared by the xdist workers and every process they start (they inherit the environment) and
+# removed at the end. A size limit turns on JAX's file lock, so that concurrent processes never
+# read a half-written entry; as each write then scans the folder, only programs that take
+# 0.5 s or more to compile are kept (the models' steps, not the thousands of small loss tests).
+# An existing JAX_COMPILATION_CACHE_DIR is used as it is.
+_COMPILATION_CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+}
+_created_cache_dir: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _created_cache_dir
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return  # an xdist worker inherits the controller's cache
+    _created_cache_dir = tempfile.mkdtemp(prefix="mlx_jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _created_cache_dir
+    for name, value in _COMPILATION_CACHE_ENV.items():
+        os.environ.setdefault(name, value)
+    if "jax" in sys.modules:  # jax read its configuration at import: tell it directly
+        jax = sys.modules["jax"]
+        jax.config.update("jax_compilation_cache_dir", _created_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _created_cache_dir is not None:
+        shutil.rmtree(_created_cache_dir, ignore_errors=True)
+
 
 # JIT compilation makes first examples slow; deadlines would flake on a loaded 2-core machine.
 hypothesis.settings.register_profile("default", deadline=None, max_examples=15)
