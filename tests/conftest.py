@@ -1,6 +1,5 @@
 import os
 import shutil
-import sys
 import tempfile
 
 import hypothesis
@@ -35,7 +34,8 @@ _pin_xdist_worker()
 # removed at the end. A size limit turns on JAX's file lock, so that concurrent processes never
 # read a half-written entry; as each write then scans the folder, only programs that take
 # 0.5 s or more to compile are kept (the models' steps, not the thousands of small loss tests).
-# An existing JAX_COMPILATION_CACHE_DIR is used as it is.
+# Set before the test modules import jax (it reads these at import). An existing
+# JAX_COMPILATION_CACHE_DIR is used as it is.
 _COMPILATION_CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -52,12 +52,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _created_cache_dir
     for name, value in _COMPILATION_CACHE_ENV.items():
         os.environ.setdefault(name, value)
-    if "jax" in sys.modules:  # jax read its configuration at import: tell it directly
-        jax = sys.modules["jax"]
-        jax.config.update("jax_compilation_cache_dir", _created_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
