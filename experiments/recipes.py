@@ -279,23 +279,24 @@ def stage_runs(out: pathlib.Path) -> dict[str, list[tuple[pathlib.Path, campaign
 def status(out: pathlib.Path, jobs: int) -> str:
     """Each stage's runs finished, epochs recorded, and hours left at ``jobs`` rows at once.
 
-    An epoch's cost is the median of the stage's runs' last recorded epochs; the final stage
-    trains on all training images, so before it has its own it takes the selection's epochs
-    scaled by the training-set sizes (60,000 / (60,000 - VAL_SIZE): both datasets have 60,000).
+    An epoch's cost is the median of every epoch the stage has recorded (a spell of sharing the
+    cores with other jobs moves it little); the final stage trains on all training images, so
+    before it has its own it takes the selection's epochs scaled by the training-set sizes
+    (60,000 / (60,000 - VAL_SIZE): both datasets have 60,000).
     """
     lines = []
     minutes: dict[str, float | None] = {}
     for stage, runs in stage_runs(out).items():
         done = epochs = 0
-        latest = []
+        epoch_minutes = []
         for directory, row in runs:
             recorded = campaign.recorded_epochs(directory, row)
             finished = campaign.finished(directory, row) is not None
             done += finished
             epochs += EPOCHS if finished else min(len(recorded), EPOCHS)
-            latest += [r["seconds"] / 60 for r in recorded[-1:]]
+            epoch_minutes += [r["seconds"] / 60 for r in recorded]
         left = len(runs) * EPOCHS - epochs
-        minutes[stage] = statistics.median(latest) if latest else None
+        minutes[stage] = statistics.median(epoch_minutes) if epoch_minutes else None
         if minutes[stage] is None and stage == "final" and minutes["select"] is not None:
             minutes[stage] = minutes["select"] * 60_000 / (60_000 - VAL_SIZE)
         total = len(runs) * EPOCHS

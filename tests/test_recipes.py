@@ -283,7 +283,7 @@ def test_status_counts_epochs_and_estimates_the_hours_left(tmp_path, capsys):
     epoch = json.dumps({"epoch": 1, "seconds": 420.0, "accuracy": 0.5})
     (started / "metrics.jsonl").write_text(f"{epoch}\n{epoch}\n")
     select_left = 12 * recipes.EPOCHS - recipes.EPOCHS - 2
-    per_epoch = statistics.median([5.0, 7.0])  # the two runs' last epochs, minutes
+    per_epoch = statistics.median([5.0] * recipes.EPOCHS + [7.0, 7.0])  # every epoch, minutes
     final_per_epoch = per_epoch * 60_000 / (60_000 - recipes.VAL_SIZE)
     assert recipes.main(["status", "--out", str(tmp_path), "--jobs", "2"]) == 0
     assert capsys.readouterr().out.splitlines() == [
