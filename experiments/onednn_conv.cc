@@ -57,6 +57,15 @@ struct Primitives {
 // A primitive splits its work for the OpenMP thread count in force when it is created and
 // expects that many threads when it runs (its weight-gradient kernels meet at a barrier: fewer
 // threads hang it), so the count is part of the key and is set before creating.
+// Scratchpads are ours (user mode, one per call in Run): oneDNN's own is shared by every
+// primitive of the process, so two calls at once (two devices, or two independent
+// convolutions of one program) would share the weight-gradient kernels' barrier in it and hang.
+dnnl::primitive_attr Attributes() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 Primitives& Cached(const Shape& s) {
   omp_set_num_threads(static_cast<int>(s.threads));
   static std::mutex mutex;
@@ -68,13 +77,13 @@ Primitives& Cached(const Shape& s) {
   const memory::dims strides{1, 1}, pad{s.pad, s.pad};
   dnnl::convolution_forward::primitive_desc forward(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      s.src(any), s.weights(any), s.dst(any), strides, pad, pad);
+      s.src(any), s.weights(any), s.dst(any), strides, pad, pad, Attributes());
   dnnl::convolution_backward_data::primitive_desc backward_data(
       Engine(), dnnl::algorithm::convolution_direct, s.src(any), s.weights(any), s.dst(any),
-      strides, pad, pad, forward);
+      strides, pad, pad, forward, Attributes());
   dnnl::convolution_backward_weights::primitive_desc backward_weights(
       Engine(), dnnl::algorithm::convolution_direct, s.src(any), s.weights(any), s.dst(any),
-      strides, pad, pad, forward);
+      strides, pad, pad, forward, Attributes());
   Primitives p{{dnnl::convolution_forward(forward), forward},
                {dnnl::convolution_backward_data(backward_data), backward_data},
                {dnnl::convolution_backward_weights(backward_weights), backward_weights}};
@@ -88,12 +97,27 @@ struct Arg {
   bool output;
 };
 
+// Runs a primitive made with Attributes() on its own scratchpad (none when it needs none).
+void Execute(const dnnl::primitive& primitive, const dnnl::primitive_desc_base& desc,
+             std::unordered_map<int, memory> args, dnnl::stream& stream) {
+  memory::desc scratch = desc.scratchpad_desc();
+  if (scratch.get_size() > 0) args[DNNL_ARG_SCRATCHPAD] = memory(scratch, Engine());
+  primitive.execute(stream, args);
+}
+
+void Reorder(const memory& from, const memory& to, dnnl::stream& stream) {
+  dnnl::reorder::primitive_desc desc(from, to, Attributes());
+  Execute(dnnl::reorder(desc), desc, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}}, stream);
+}
+
 // Runs p on XLA's buffers, reordering each into (or out of) the layout p chose where they differ.
 void Run(const Primitive& p, std::initializer_list<Arg> args, int64_t threads) {
-  // One convolution at a time: XLA may run two independent convolutions of a program at once
-  // (e.g. two forward passes), and two concurrent executions of one cached primitive hung.
-  static std::mutex running;
-  std::lock_guard<std::mutex> lock(running);
+  // Calls on one thread each (one device per core, the driver's default) run at once; calls on
+  // several OpenMP threads take turns, as two teams on the same cores would spin against each
+  // other (each already keeps its cores busy).
+  static std::mutex team;
+  std::unique_lock<std::mutex> lock(team, std::defer_lock);
+  if (threads > 1) lock.lock();
   omp_set_num_threads(static_cast<int>(threads));  // as when p was created (Cached)
   dnnl::stream stream(Engine());
   std::unordered_map<int, memory> bound;
@@ -109,12 +133,12 @@ void Run(const Primitive& p, std::initializer_list<Arg> args, int64_t threads) {
     if (a.output) {
       outputs.emplace_back(mine, user);
     } else {
-      dnnl::reorder(user, mine).execute(stream, user, mine);
+      Reorder(user, mine, stream);
     }
     bound[a.id] = mine;
   }
-  p.primitive.execute(stream, bound);
-  for (auto& [mine, user] : outputs) dnnl::reorder(mine, user).execute(stream, mine, user);
+  Execute(p.primitive, p.desc, bound, stream);
+  for (auto& [mine, user] : outputs) Reorder(mine, user, stream);
   stream.wait();
 }
 

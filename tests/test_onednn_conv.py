@@ -145,28 +145,38 @@ def test_the_driver_trains_the_same_with_either_convolution(data_dir, tmp_path):
 
 
 TWO_PASSES = """
+import sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from experiments.models import LeNetPlusPlus
-model = LeNetPlusPlus(1, 8, width=4, conv="onednn", conv_threads=2, rngs=nnx.Rngs(0))
+threads = int(sys.argv[1])
 a, b = (jnp.asarray(np.random.default_rng(s).normal(size=(32, 28, 28, 1)), jnp.float32) for s in (0, 1))
 step = nnx.jit(lambda m: nnx.value_and_grad(lambda m: jnp.sum(m(a) * m(b)))(m))
+reference = jax.tree.leaves(step(LeNetPlusPlus(1, 8, width=4, conv="xla", rngs=nnx.Rngs(0))))
+model = LeNetPlusPlus(1, 8, width=4, conv="onednn", conv_threads=threads, rngs=nnx.Rngs(0))
 for _ in range(100):
-    jax.block_until_ready(step(model)[0])
+    # calls at once must not share scratch memory: every step equals XLA's convolutions
+    for x, y in zip(jax.tree.leaves(step(model)), reference, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * float(np.abs(y).max()))
 print("done")
 """
 
 
 @needs_onednn
-def test_independent_convolutions_in_one_program_do_not_hang():
-    # Two forward passes in one step: XLA may run their convolutions at once. Before the
-    # kernels ran one at a time this hung within a few dozen steps (a subprocess, so a
-    # regression fails by timeout instead of hanging the suite).
+@pytest.mark.parametrize("threads", [1, 2])
+def test_independent_convolutions_in_one_program_do_not_hang(threads):
+    # Two forward passes in one step: XLA may run their convolutions at once — on one thread
+    # each truly at once (as two devices do), on two threads each in turn. While oneDNN's
+    # shared scratchpad held the weight-gradient barrier this hung within a few dozen steps
+    # (a subprocess, so a regression fails by timeout instead of hanging the suite).
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-c", TWO_PASSES], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", TWO_PASSES, str(threads)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
 
