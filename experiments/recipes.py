@@ -5,6 +5,7 @@ twelve rows at those defaults over several seeds.
     python -m experiments.recipes final --out runs/recipes --jobs 2    # 12 rows x 3 seeds, test
     python -m experiments.recipes table --out runs/recipes             # rewrite both tables
     python -m experiments.recipes status --out runs/recipes --jobs 2   # progress, time left
+    python -m experiments.recipes publish --out runs/recipes --to experiments/results/recipes
 
 **select** trains every candidate recipe of a family (``CANDIDATES``) on the family's
 selection rows (Fashion-MNIST at feature dims 2 and 128, seed 0) on the first 55,000 training
@@ -23,6 +24,11 @@ beside seed 001's 100-epoch accuracy.
 **status** counts each stage's finished and recorded epochs and estimates the hours left from
 the epochs measured so far (``--jobs`` rows at once).
 
+**publish** copies the records BENCHMARKS.md quotes — each finished run's ``summary.json``,
+``metrics.jsonl`` and ``config.json``, the final plot ``features.png`` of the final stage's
+first seed, and both tables — to ``--to`` (same layout), leaving checkpoints, logs, GIFs and
+per-epoch plots behind.
+
 Both stages run through :func:`experiments.campaign.run_rows`: a finished run is skipped, a
 started one resumes from its checkpoint (so the campaign continues across sessions: rerun the
 same command), ``--stop-after-minutes`` time-boxes it, and ``--jobs 2`` runs two rows at once.
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import statistics
 import sys
 import time
@@ -260,6 +267,39 @@ def final_table(out: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- publish
+
+RECORD_FILES = ("summary.json", "metrics.jsonl", "config.json")
+PLOTTED_SEED = SEEDS[0]  # its final runs keep their features.png (a few 10 KB each)
+
+
+def publish(out: pathlib.Path, to: pathlib.Path) -> list[pathlib.Path]:
+    """Copies the finished runs' records and both tables from ``out`` to ``to``; returns the
+    files written. Unfinished runs are skipped (rerun after the campaign moves on)."""
+    if to.resolve() == out.resolve():
+        raise ValueError(f"--to must differ from --out, both are {out}")
+    written = []
+    plotted = final_dir(out, PLOTTED_SEED)
+    for directory, row in (pair for runs in stage_runs(out).values() for pair in runs):
+        if campaign.finished(directory, row) is None:
+            continue
+        source = campaign.run_dir(directory, row)
+        names = RECORD_FILES + (("features.png",) if directory == plotted else ())
+        for name in names:
+            if (source / name).is_file():
+                written.append(_copy(source / name, to / source.relative_to(out) / name))
+    for stage in ("select", "final"):
+        if (out / stage / "table.md").is_file():
+            written.append(_copy(out / stage / "table.md", to / stage / "table.md"))
+    return written
+
+
+def _copy(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
 # ----------------------------------------------------------------------------- status
 
 
@@ -318,8 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("stage", choices=("select", "final", "table", "status"), help="what to run")
+    p.add_argument(
+        "stage", choices=("select", "final", "table", "status", "publish"), help="what to run"
+    )
     p.add_argument("--out", default="runs/recipes", help="campaign folder (default: %(default)s)")
+    p.add_argument(
+        "--to",
+        default="experiments/results/recipes",
+        help="publish: where the records go (default: %(default)s)",
+    )
     p.add_argument(
         "--stop-after-minutes",
         type=float,
@@ -334,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage == "status":
         print(status(out, args.jobs))
         return 0
+    if args.stage == "publish":
+        write_tables(out)
+        written = publish(out, pathlib.Path(args.to))
+        print(f"published {len(written)} files to {args.to}")
+        return 0
     try:
         if args.stage == "select":
             select(out, args.stop_after_minutes, args.jobs, args.retries)
@@ -342,10 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeMismatch as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    write_tables(out)
+    return 0
+
+
+def write_tables(out: pathlib.Path) -> None:
+    """OUT/select/table.md, and OUT/final/table.md once the final stage has started."""
     campaign.write_table(out / "select", selection_table(out))
     if (out / "final").exists():
         campaign.write_table(out / "final", final_table(out))
-    return 0
 
 
 if __name__ == "__main__":

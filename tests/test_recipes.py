@@ -294,3 +294,43 @@ def test_status_counts_epochs_and_estimates_the_hours_left(tmp_path, capsys):
         f"left, about {36 * recipes.EPOCHS * final_per_epoch / 60 / 2:.1f} h at "
         f"{final_per_epoch:.1f} min per epoch and --jobs 2",
     ]
+
+
+def test_publish_copies_the_finished_runs_records_and_both_tables(tmp_path, capsys):
+    out, to = tmp_path / "runs", tmp_path / "results"
+    finish_selection(out, SCORES)
+    for seed in recipes.SEEDS[:2]:
+        directory = campaign.run_dir(recipes.final_dir(out, seed), ("mnist", 2, "xent"))
+        fake_run(directory, 0.99, "test")
+        (directory / "config.json").write_text("{}")
+        for junk in ("features.png", "features.gif", "log.txt", "checkpoints/10/x"):
+            (directory / junk).parent.mkdir(parents=True, exist_ok=True)
+            (directory / junk).write_text(junk)
+    started = campaign.run_dir(recipes.final_dir(out, 0), ("mnist", 2, "cent"))
+    started.mkdir(parents=True)
+    (started / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert recipes.main(["publish", "--out", str(out), "--to", str(to)]) == 0
+    assert "published" in capsys.readouterr().out
+    copied = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
+    selection = [
+        str(campaign.run_dir(recipes.candidate_dir(to, family, name), row).relative_to(to) / file)
+        for family, name in SCORES
+        for row in recipes.selection_rows(family)
+        for file in ("metrics.jsonl", "summary.json")
+    ]
+    seed0, seed1 = "final/seed0/mnist-xent-feat2", "final/seed1/mnist-xent-feat2"
+    assert copied == sorted(
+        [
+            *selection,
+            "select/table.md",
+            "final/table.md",
+            *(
+                f"{seed0}/{f}"
+                for f in ("config.json", "features.png", "metrics.jsonl", "summary.json")
+            ),
+            *(f"{seed1}/{f}" for f in ("config.json", "metrics.jsonl", "summary.json")),
+        ]
+    )
+    assert "| mnist | 2 | xent |" in (to / "final" / "table.md").read_text()
+    with pytest.raises(ValueError, match="--to must differ from --out"):
+        recipes.publish(out, out)
