@@ -21,7 +21,8 @@ it and everything else (strides, dilation, groups, other dtypes or layouts, one 
 LeNet++'s first layer, where neither kernel won clearly — or a non-CPU backend) to XLA.
 Each call runs oneDNN on ``threads`` OpenMP threads — the driver passes cores // devices of its
 data-parallel step (one per device with its one-device-per-core split), so devices do not fight
-over the cores.
+over the cores. Each call brings its own scratchpad, so one-thread calls (one per device) run at
+once; calls on several threads take turns.
 """
 
 from __future__ import annotations
