@@ -5,7 +5,7 @@ twelve rows at those defaults over several seeds.
     python -m experiments.recipes final --out runs/recipes --jobs 2    # 12 rows x 3 seeds, test
     python -m experiments.recipes table --out runs/recipes             # rewrite both tables
     python -m experiments.recipes status --out runs/recipes --jobs 2   # progress, time left
-    python -m experiments.recipes publish --out runs/recipes --to experiments/results/recipes
+    python -m experiments.recipes publish --out runs/recipes   # records into experiments/results
 
 **select** trains every candidate recipe of a family (``CANDIDATES``) on the family's
 selection rows (Fashion-MNIST at feature dims 2 and 128, seed 0) on the first 55,000 training
@@ -26,12 +26,15 @@ the epochs measured so far (``--jobs`` rows at once).
 
 **publish** copies the records BENCHMARKS.md quotes — each finished run's ``summary.json``,
 ``metrics.jsonl`` and ``config.json``, the final plot ``features.png`` of the final stage's
-first seed, and both tables — to ``--to`` (same layout), leaving checkpoints, logs, GIFs and
-per-epoch plots behind.
+first seed, and both tables — to ``--records`` (same layout), leaving checkpoints, logs, GIFs
+and per-epoch plots behind.
 
 Both stages run through :func:`experiments.campaign.run_rows`: a finished run is skipped, a
-started one resumes from its checkpoint (so the campaign continues across sessions: rerun the
-same command), ``--stop-after-minutes`` time-boxes it, and ``--jobs 2`` runs two rows at once.
+started one resumes from its checkpoint, ``--stop-after-minutes`` time-boxes it, and
+``--jobs 2`` runs two rows at once. Every stage but publish first restores into OUT the
+published runs OUT lacks (``--records``, default experiments/results/recipes), so the
+campaign continues on a fresh clone: publish and commit each finished run, and rerun the same
+command anywhere. A run in progress is lost with its machine (checkpoints stay out of git).
 """
 
 from __future__ import annotations
@@ -164,10 +167,20 @@ def selection_table(out: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
-def select(out: pathlib.Path, stop_after_minutes: float | None, jobs: int, retries: int):
+def select(
+    out: pathlib.Path,
+    stop_after_minutes: float | None,
+    jobs: int,
+    retries: int,
+    families: Sequence[str] = tuple(CANDIDATES),
+):
+    """Trains every candidate of ``families`` (in CANDIDATES' order) on its selection rows."""
+    unknown = sorted(set(families) - set(CANDIDATES))
+    if unknown:
+        raise ValueError(f"families must be among {sorted(CANDIDATES)}, got {unknown}")
     start = time.time()
-    for family, candidates in CANDIDATES.items():
-        for name in candidates:
+    for family in families:
+        for name in CANDIDATES[family]:
             left = _minutes_left(start, stop_after_minutes)
             if left is not None and left <= 0:
                 return
@@ -277,7 +290,7 @@ def publish(out: pathlib.Path, to: pathlib.Path) -> list[pathlib.Path]:
     """Copies the finished runs' records and both tables from ``out`` to ``to``; returns the
     files written. Unfinished runs are skipped (rerun after the campaign moves on)."""
     if to.resolve() == out.resolve():
-        raise ValueError(f"--to must differ from --out, both are {out}")
+        raise ValueError(f"--records must differ from --out, both are {out}")
     written = []
     plotted = final_dir(out, PLOTTED_SEED)
     for directory, row in (pair for runs in stage_runs(out).values() for pair in runs):
@@ -292,6 +305,23 @@ def publish(out: pathlib.Path, to: pathlib.Path) -> list[pathlib.Path]:
         if (out / stage / "table.md").is_file():
             written.append(_copy(out / stage / "table.md", to / stage / "table.md"))
     return written
+
+
+def restore(records: pathlib.Path, out: pathlib.Path) -> list[pathlib.Path]:
+    """Copies into ``out`` the published runs (``records``, as :func:`publish` leaves them)
+    that ``out`` has not finished; returns the run folders restored. A published run is
+    finished (it has summary.json), so the stages skip it as if it had run here; a run ``out``
+    has finished itself is left alone."""
+    restored = []
+    for directory, row in (pair for runs in stage_runs(out).values() for pair in runs):
+        target = campaign.run_dir(directory, row)
+        source = records / target.relative_to(out)
+        if campaign.finished(directory, row) is None and (source / "summary.json").is_file():
+            for name in RECORD_FILES:
+                if (source / name).is_file():
+                    _copy(source / name, target / name)
+            restored.append(target)
+    return restored
 
 
 def _copy(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
@@ -363,9 +393,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--out", default="runs/recipes", help="campaign folder (default: %(default)s)")
     p.add_argument(
-        "--to",
+        "--records",
         default="experiments/results/recipes",
-        help="publish: where the records go (default: %(default)s)",
+        help="the published records: publish writes finished runs there, every other stage "
+        "first restores the ones OUT lacks (default: %(default)s)",
+    )
+    p.add_argument(
+        "--family",
+        choices=tuple(CANDIDATES),
+        action="append",
+        help="select: only this family's candidates (repeatable; default: every family)",
     )
     p.add_argument(
         "--stop-after-minutes",
@@ -377,18 +414,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--retries", type=int, default=2, help="restarts of a run killed by a signal")
     args = p.parse_args(argv)
     campaign.check_grid_flags(args)
-    out = pathlib.Path(args.out)
+    out, records = pathlib.Path(args.out), pathlib.Path(args.records)
+    if args.family and args.stage != "select":
+        p.error("--family applies to the select stage only")
+    if args.stage != "publish" and records.resolve() != out.resolve():
+        restored = restore(records, out)
+        if restored:
+            print(f"restored {len(restored)} finished runs from {records}", flush=True)
     if args.stage == "status":
         print(status(out, args.jobs))
         return 0
     if args.stage == "publish":
         write_tables(out)
-        written = publish(out, pathlib.Path(args.to))
-        print(f"published {len(written)} files to {args.to}")
+        written = publish(out, records)
+        print(f"published {len(written)} files to {records}")
         return 0
     try:
         if args.stage == "select":
-            select(out, args.stop_after_minutes, args.jobs, args.retries)
+            families = args.family or tuple(CANDIDATES)
+            select(out, args.stop_after_minutes, args.jobs, args.retries, families)
         elif args.stage == "final":
             final(out, args.stop_after_minutes, args.jobs, args.retries)
     except RecipeMismatch as err:

@@ -153,6 +153,11 @@ def fake_run(directory: pathlib.Path, accuracy: float, evaluated_on: str, epochs
     (directory / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
+# Stages called through main() restore published records first: point them at none, so that
+# what experiments/results/recipes holds does not leak into these tests.
+NO_RECORDS = ("--records", "/nonexistent/recipe-records")
+
+
 def finish_selection(out, scores: dict[tuple[str, str], tuple[float, float]]):
     for (family, name), values in scores.items():
         for row, accuracy in zip(recipes.selection_rows(family), values, strict=True):
@@ -214,7 +219,7 @@ def test_final_refuses_until_the_defaults_are_the_chosen_recipes(tmp_path, monke
     monkeypatch.setitem(config.FAMILY_RECIPES, "softmax", {"epochs": 10})
     with pytest.raises(recipes.RecipeMismatch, match=r"chose softmax-shift1 for xent.*'augment'"):
         recipes.final(tmp_path, None, 1, 0)
-    assert recipes.main(["final", "--out", str(tmp_path)]) == 2
+    assert recipes.main(["final", "--out", str(tmp_path), *NO_RECORDS]) == 2
     assert not calls
     for family in ("softmax", "center"):
         choice = recipes.CANDIDATES[family][recipes.chosen(tmp_path, family)]
@@ -258,7 +263,7 @@ def test_the_table_stage_writes_both_tables_without_training(tmp_path, monkeypat
     finish_selection(tmp_path, SCORES)
     row = ("mnist", 128, "standalone")
     fake_run(campaign.run_dir(recipes.final_dir(tmp_path, 1), row), 0.995, "test")
-    assert recipes.main(["table", "--out", str(tmp_path)]) == 0
+    assert recipes.main(["table", "--out", str(tmp_path), *NO_RECORDS]) == 0
     assert (tmp_path / "select" / "table.md").read_text().count("**chosen**") == 2
     final = (tmp_path / "final" / "table.md").read_text()
     assert "| mnist | 128 | standalone | 0.996 | 0.9950 ± 0.0000 | 0.9950 | 1 | meets |" in final
@@ -285,7 +290,7 @@ def test_status_counts_epochs_and_estimates_the_hours_left(tmp_path, capsys):
     select_left = 12 * recipes.EPOCHS - recipes.EPOCHS - 2
     per_epoch = statistics.median([5.0] * recipes.EPOCHS + [7.0, 7.0])  # every epoch, minutes
     final_per_epoch = per_epoch * 60_000 / (60_000 - recipes.VAL_SIZE)
-    assert recipes.main(["status", "--out", str(tmp_path), "--jobs", "2"]) == 0
+    assert recipes.main(["status", "--out", str(tmp_path), "--jobs", "2", *NO_RECORDS]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"select: 1 of 12 runs finished, {select_left} of {12 * recipes.EPOCHS} epochs left, "
         f"about {select_left * per_epoch / 60 / 2:.1f} h at {per_epoch:.1f} min per epoch "
@@ -309,7 +314,7 @@ def test_publish_copies_the_finished_runs_records_and_both_tables(tmp_path, caps
     started = campaign.run_dir(recipes.final_dir(out, 0), ("mnist", 2, "cent"))
     started.mkdir(parents=True)
     (started / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    assert recipes.main(["publish", "--out", str(out), "--to", str(to)]) == 0
+    assert recipes.main(["publish", "--out", str(out), "--records", str(to)]) == 0
     assert "published" in capsys.readouterr().out
     copied = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
     selection = [
@@ -332,5 +337,39 @@ def test_publish_copies_the_finished_runs_records_and_both_tables(tmp_path, caps
         ]
     )
     assert "| mnist | 2 | xent |" in (to / "final" / "table.md").read_text()
-    with pytest.raises(ValueError, match="--to must differ from --out"):
+    with pytest.raises(ValueError, match="--records must differ from --out"):
         recipes.publish(out, out)
+
+
+def test_a_fresh_clone_continues_from_the_published_records(tmp_path, monkeypatch, capsys):
+    old, records, fresh = tmp_path / "old", tmp_path / "records", tmp_path / "fresh"
+    finish_selection(old, SCORES)
+    mine = campaign.run_dir(recipes.final_dir(old, 0), ("mnist", 2, "xent"))
+    fake_run(mine, 0.99, "test")
+    recipes.publish(old, records)
+    # the new machine has finished one run itself, with its own result: it stays
+    kept = campaign.run_dir(recipes.final_dir(fresh, 0), ("mnist", 2, "xent"))
+    fake_run(kept, 0.98, "test")
+    calls = []
+    monkeypatch.setattr(campaign, "run_rows", lambda *args: calls.append(args))
+    for family in ("softmax", "center"):
+        choice = recipes.CANDIDATES[family][recipes.chosen(old, family)]
+        monkeypatch.setitem(config.FAMILY_RECIPES, family, dict(choice))
+    assert recipes.main(["final", "--out", str(fresh), "--records", str(records)]) == 0
+    assert f"restored {len(SCORES) * 2} finished runs" in capsys.readouterr().out
+    assert len(calls) == len(recipes.SEEDS)  # the gate passed on the restored selection
+    assert recipes.chosen(fresh, "softmax") == "shift1"
+    assert json.loads((kept / "summary.json").read_text())["final"]["accuracy"] == 0.98
+    assert recipes.restore(records, fresh) == []  # nothing left to restore
+
+
+def test_select_runs_only_the_families_asked_for(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(campaign, "run_rows", lambda *args: calls.append(args))
+    argv = ["select", "--out", str(tmp_path), "--family", "center", *NO_RECORDS]
+    assert recipes.main(argv) == 0
+    assert [c[1].name for c in calls] == [f"center-{n}" for n in recipes.CANDIDATES["center"]]
+    with pytest.raises(ValueError, match=r"families must be among \['center', 'softmax'\]"):
+        recipes.select(tmp_path, None, 1, 0, ("triplet",))
+    with pytest.raises(SystemExit):
+        recipes.main(["final", "--out", str(tmp_path), "--family", "center", *NO_RECORDS])
