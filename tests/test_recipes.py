@@ -242,7 +242,8 @@ def test_final_table_reports_mean_std_and_minimum_over_seeds(tmp_path):
     line = next(x for x in table if x.startswith("| fashion_mnist | 2 | xent |"))
     mean, std = statistics.fmean(accuracies), statistics.stdev(accuracies)
     assert f"| {mean:.4f} ± {std:.4f} | {min(accuracies):.4f} | 0,1,2 |" in line
-    assert f"misses by {100 * (target - mean):.2f} points" in line
+    assert f"misses by {100 * (target - mean):.2f} points¹" in line
+    assert table[-1] == recipes.NEXT_STEP  # a miss says what the next step is
     line = next(x for x in table if x.startswith("| mnist | 2 | cent |"))
     assert "| 0.9900 ± 0.0000 | 0.9900 | 0 | meets |" in line
     assert "not measured yet" in next(x for x in table if x.startswith("| mnist | 128 | xent |"))
@@ -267,6 +268,7 @@ def test_the_table_stage_writes_both_tables_without_training(tmp_path, monkeypat
     assert (tmp_path / "select" / "table.md").read_text().count("**chosen**") == 2
     final = (tmp_path / "final" / "table.md").read_text()
     assert "| mnist | 128 | standalone | 0.996 | 0.9950 ± 0.0000 | 0.9950 | 1 | meets |" in final
+    assert "Next step" not in final  # nothing missed
 
 
 def test_status_counts_epochs_and_estimates_the_hours_left(tmp_path, capsys):
