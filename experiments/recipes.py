@@ -12,6 +12,7 @@ selection rows (Fashion-MNIST at feature dims 2 and 128, seed 0) on the first 55
 images and scores it on the last 5,000 (``--val-size 5000``); no test image is evaluated. The
 candidate with the highest mean validation accuracy over those rows wins (ties go to the one
 listed first, the simpler). OUT/select/table.md lists every candidate's scores and the choice.
+``--family`` limits the stage to one family's candidates.
 
 **final** runs seed 001's twelve rows (MNIST and Fashion-MNIST x dims 2, 128 x xent, cent,
 standalone) at the driver's defaults with ``--seed`` 0, 1, 2: all twelve rows of one seed
