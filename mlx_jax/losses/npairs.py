@@ -19,10 +19,13 @@ and differ only in the logit z_apn. They share the tuple construction (``pairs=`
   (``get_all_pairs_indices``), and it uses every sample of the batch.
 
 One row-blocked mechanism evaluates both (:func:`mlx_jax.losses._common.map_anchor_rows`):
-each anchor row gets its positives (one for ``"one_per_class"``; every member of its class in
-label order, :func:`mlx_jax.mining.positive_slots`, for ``"all"``) and its negative mask [R, B],
-and each tuple's log(1 + Σ exp) is a max-subtracted log-sum-exp over that mask followed by a
-softplus, so no logit overflows and a tuple without negatives is log(1) = 0 with zero gradient.
+each anchor row gets its positives and its negative mask, and each tuple's log(1 + Σ exp) is a
+max-subtracted log-sum-exp over that mask followed by a softplus, so no logit overflows and a
+tuple without negatives is log(1) = 0 with zero gradient. For ``"all"`` the rows are the
+batch's samples against all B columns (every member of the anchor's class in label order,
+:func:`mlx_jax.mining.positive_slots`, as positives). ``"one_per_class"`` gathers its tuples
+into T = max(B // 2, 1) slots first — anchors as rows, their positives as columns — so its
+logits are [T, T], a quarter of the [B, B] products.
 """
 
 from __future__ import annotations
@@ -106,7 +109,10 @@ def _first_pairs(labels: jax.Array, valid: jax.Array) -> _FirstPairs:
     )
 
 
-TermsFn = Callable[[Rows, _Tuples], jax.Array]
+# terms(rows, tuples, columns): the [R, K] tuple losses of a block of anchor rows, where
+# ``columns`` [N, D] are the raw embeddings that ``tuples.positive`` and ``tuples.negative``
+# index (the whole batch, or the tuples' positives in the compact form).
+TermsFn = Callable[[Rows, _Tuples, jax.Array], jax.Array]
 
 
 def _tuple_loss(
@@ -116,46 +122,68 @@ def _tuple_loss(
     block_size: blockwise.BlockSize,
     terms: TermsFn,
 ) -> jax.Array:
-    """Builds each anchor row's tuples, evaluates ``terms(rows, tuples)`` ([R, K] losses) and
-    reduces them over tuples; a tuple's weight is its anchor's weight. ``"none"`` gives the
-    [B, B] matrix of weighted tuple losses, entry (a, p)."""
+    """Builds each anchor row's tuples, evaluates ``terms(rows, tuples, columns)`` ([R, K]
+    losses) and reduces them over tuples; a tuple's weight is its anchor's weight. ``"none"``
+    gives the [B, B] matrix of weighted tuple losses, entry (a, p).
+
+    ``"all"``: the rows are the batch's samples, the columns the whole batch. ``"one_per_class"``
+    runs on its tuples alone: the T = max(B // 2, 1) slots (a tuple takes two samples) hold
+    the tuples' anchors as rows and their positives as columns, so the logits are [T, T]
+    instead of [B, B] — a quarter of the products; PML's ``NPairsLoss`` works on the same
+    [N, N] — and slot i's negatives are the other slots' positives."""
     size = batch.labels.shape[0]
 
     if pairs == "one_per_class":
+        slots = max(size // 2, 1)
         first = _first_pairs(batch.labels, batch.valid)
-        row_args = (first.anchor, first.partner)
+        (anchor,) = jnp.nonzero(first.anchor, size=slots, fill_value=0)
+        anchor = anchor.astype(jnp.int32)
+        partner = first.partner[anchor]
+        used = jnp.arange(slots) < jnp.sum(first.anchor)
+        rows_of = Batch(
+            batch.embeddings[anchor],
+            batch.labels[anchor],
+            jnp.where(used, batch.weights[anchor], 0.0),
+            used,
+            jnp.where(used, batch.anchor_weights[anchor], 0.0),
+        )
+        columns = batch.embeddings[partner]
+        slot = jnp.arange(slots, dtype=jnp.int32)
 
-        def tuples_of(rows: Rows, anchor, partner) -> _Tuples:
-            negative = (
-                anchor[:, None] & first.positive[None, :] & (rows.labels[:, None] != batch.labels)
-            )
-            return _Tuples(partner[:, None], anchor[:, None], negative, 1)
+        def tuples_of(rows: Rows) -> tuple[Rows, _Tuples]:
+            own = jnp.minimum(rows.index, slots - 1)[:, None]  # blockwise padding: any slot
+            negative = rows.valid[:, None] & used[None, :] & (rows.index[:, None] != slot)
+            # the rows are anchors and the columns their positives: never the dense symmetric form
+            return rows._replace(every_row=False), _Tuples(own, rows.valid[:, None], negative, 1)
 
     else:
+        rows_of, columns = batch, batch.embeddings
         index = class_index(batch.labels)
-        row_args = ()
 
-        def tuples_of(rows: Rows) -> _Tuples:
+        def tuples_of(rows: Rows) -> tuple[Rows, _Tuples]:
             # every member of the anchor's class, in label order (slot s: the s-th member)
             slot, mask = positive_slots(
                 index, size, rows.index, rows.labels, rows.valid, batch.valid
             )
-            return _Tuples(slot, mask, rows.pair_masks(batch)[1], index.largest)
+            return rows, _Tuples(slot, mask, rows.pair_masks(batch)[1], index.largest)
 
-    def per_rows(rows: Rows, *args):
-        tuples = tuples_of(rows, *args)
-        losses = jnp.where(tuples.mask, terms(rows, tuples), 0.0)
+    def per_rows(rows: Rows):
+        rows, tuples = tuples_of(rows)
+        losses = jnp.where(tuples.mask, terms(rows, tuples, columns), 0.0)
         if reduction == "none":
             weighted = jnp.where(tuples.mask, losses * rows.weights[:, None], 0.0)
             row = jnp.arange(losses.shape[0])[:, None]
             return (
-                jnp.zeros((losses.shape[0], size), losses.dtype)
+                jnp.zeros((losses.shape[0], columns.shape[0]), losses.dtype)
                 .at[row, tuples.positive]
                 .add(weighted)
             )
         return pair_row_sums(tuples.mask, losses, rows.weights)
 
-    result = map_anchor_rows(per_rows, batch, block_size, *row_args)
+    result = map_anchor_rows(per_rows, rows_of, block_size)
+    if reduction == "none" and pairs == "one_per_class":
+        # slot i's loss sits at (i, i): entry (anchor_i, partner_i) of the batch matrix
+        return jnp.zeros((size, size), result.dtype).at[anchor, partner].add(jnp.diagonal(result))
     if reduction == "none":
         return result
     return reductions.reduce_terms(result.loss, result.weight, reduction, result.nonzero)
@@ -276,11 +304,13 @@ def npairs_loss(
       reduction: see :mod:`mlx_jax.reductions`, over tuples. ``"mean"`` (default) is Eq. 6's
         1/N and PML's ``MeanReducer`` (its default for this loss). ``"none"`` returns the
         [B, B] matrix of weighted tuple losses (entry (a, p) for each tuple, 0 elsewhere).
-      block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
-        anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
-        None: the [B, B] similarity matrix at once; an int: blocks of that many anchor rows with
-        O(B·block_size) memory in the forward and backward pass (:mod:`mlx_jax.blockwise`).
-        The same value and gradients in every form.
+      block_size: over the anchor rows: the T = max(B // 2, 1) tuple slots for
+        ``"one_per_class"`` (their [T, T] logits), the B samples for ``"all"`` ([B, B]).
+        ``"auto"`` (default): dense up to 2048 rows, blocks of about 2^18 / rows above on CPU,
+        dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`); None: all rows at once;
+        an int: blocks of that many anchor rows with O(columns·block_size) memory in the
+        forward and backward pass (:mod:`mlx_jax.blockwise`). The same value and gradients in
+        every form.
 
     Returns:
       scalar (or [B, B] for ``reduction="none"``) in the compute dtype (at least float32).
@@ -291,10 +321,9 @@ def npairs_loss(
     _checks.non_negative(l2_reg, "l2_reg")
     _checks.choice(pairs, "pairs", PAIRS)
     reductions.check_reduction(reduction)
-    columns = l2_normalize(batch.embeddings) if normalize else batch.embeddings
-    squared_norms = jnp.sum(batch.embeddings * batch.embeddings, axis=1)
 
-    def terms(rows: Rows, tuples: _Tuples) -> jax.Array:
+    def terms(rows: Rows, tuples: _Tuples, raw_columns: jax.Array) -> jax.Array:
+        columns = l2_normalize(raw_columns) if normalize else raw_columns
         if rows.every_row:
             anchors = columns
         else:
@@ -309,6 +338,7 @@ def npairs_loss(
         if _checks.is_concrete(l2_reg) and np.ndim(l2_reg) == 0 and float(l2_reg) == 0.0:
             return losses  # no 0·‖f‖² term (it would be NaN for an overflowing norm)
         anchor_norms = jnp.sum(rows.embeddings * rows.embeddings, axis=1)
+        squared_norms = jnp.sum(raw_columns * raw_columns, axis=1)
         penalty = anchor_norms[:, None] + squared_norms[tuples.positive]
         return losses + (0.25 * l2_reg) * penalty
 
@@ -366,7 +396,8 @@ def angular_loss(
     Cost: a tuple's logits depend on x_p, so each anchor row visits its positives 8 at a time
     ([R, 8, B] logits per step, as many steps as the largest class of the batch needs, rounded
     up to a power of two): one step, 8·B² logits, for classes of up to 8 samples, and
-    O(R·8·B) memory for R anchor rows at a time.
+    O(R·8·B) memory for R anchor rows at a time. ``"one_per_class"`` has one positive per
+    tuple and runs on its T = max(B // 2, 1) tuples alone: T² logits.
 
     Args:
       embeddings: [B, D] float (any float dtype; computed in at least float32).
@@ -379,10 +410,11 @@ def angular_loss(
       reduction: see :mod:`mlx_jax.reductions`, over tuples. ``"mean"`` (default) is PML's
         ``MeanReducer``. ``"none"`` returns the [B, B] matrix of weighted tuple losses (entry
         (a, p) for each tuple, 0 elsewhere).
-      block_size: ``"auto"`` (default): dense up to B = 2048, blocks of about 2^18 / B
-        anchor rows above on CPU, dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`);
-        None: all anchor rows at once; an int: blocks of that many anchor rows with
-        O(block_size·8·B) memory in the forward and backward pass (:mod:`mlx_jax.blockwise`).
+      block_size: over the anchor rows (B samples, or T tuples for ``"one_per_class"``).
+        ``"auto"`` (default): dense up to 2048 rows, blocks of about 2^18 / rows above on CPU,
+        dense on GPU/TPU (:func:`mlx_jax.blockwise.auto_block_size`); None: all anchor rows at
+        once; an int: blocks of that many anchor rows with O(block_size·8·B) memory in the
+        forward and backward pass (:mod:`mlx_jax.blockwise`).
         The same value and gradients in every form.
 
     Returns:
@@ -392,13 +424,13 @@ def angular_loss(
     _check_alpha(alpha)
     _checks.choice(pairs, "pairs", PAIRS)
     reductions.check_reduction(reduction)
-    x = l2_normalize(batch.embeddings)
-    dtype = x.dtype
+    dtype = batch.embeddings.dtype
     tan_squared = jnp.tan(jnp.deg2rad(jnp.asarray(alpha, dtype))) ** 2
     negative_scale = 4.0 * tan_squared
     positive_scale = 2.0 * (1.0 + tan_squared)
 
-    def terms(rows: Rows, tuples: _Tuples) -> jax.Array:
+    def terms(rows: Rows, tuples: _Tuples, columns: jax.Array) -> jax.Array:
+        x = l2_normalize(columns)
         anchors = x if rows.every_row else l2_normalize(rows.embeddings)
         anchor_cosines = jnp.matmul(anchors, x.T, precision=HIGHEST)  # x_aᵀx_n, [R, B]
 
