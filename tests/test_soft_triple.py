@@ -232,6 +232,18 @@ def test_gradients_match_finite_differences(config):
     check_grads_x64(lambda e, w: loss(e, jnp.asarray(y), w, **config), x, centers)
 
 
+@pytest.mark.parametrize("class_block_size", [None, 2])
+def test_gradient_in_the_temperature_matches_finite_differences(class_block_size):
+    # γ's cotangent comes from the relaxed similarity's hand-written VJP, dense and in blocks
+    x, y, centers = batch(8)
+    check_grads_x64(
+        lambda e, w, g: loss(e, jnp.asarray(y), w, gamma=g, class_block_size=class_block_size),
+        x,
+        centers,
+        np.float64(0.3),
+    )
+
+
 class TestVariants(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_jit_and_eager_agree(self):

@@ -293,6 +293,19 @@ def test_degenerate_values():
     assert float(value) == 0.0 and not np.any(gx) and not np.any(gw)
 
 
+@pytest.mark.parametrize("block", [None, 1], ids=["dense", "class-blocks"])
+def test_tied_sub_centers_pass_the_whole_gradient_to_the_first(block):
+    # torch.max's rule (so PML's): the lowest index among exact ties takes the gradient, so a
+    # class of two equal sub-centers trains its first one exactly as ArcFace trains one center
+    x, y, w = degenerate_cases()["tied-sub-centers"]
+    _, (gx, gw) = value_and_grads(x, y, w, sub_centers=2, class_block_size=block)
+    arcface_x, arcface_w = jax.grad(arcface_loss, argnums=(0, 2))(x, y, w[:, ::2])
+    # class blocks sum the log-sum-exp online: float32 rounding of ~1e-4 relative
+    np.testing.assert_allclose(gx, arcface_x, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(gw[:, ::2], arcface_w, rtol=1e-3, atol=1e-6)
+    assert np.any(arcface_w) and not np.any(gw[:, 1::2])
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs_compute_in_float32(dtype):
     x, y, w = random_problem(8)

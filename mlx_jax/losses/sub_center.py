@@ -21,6 +21,7 @@ center per class on the cleaned data (:func:`collapse_sub_centers` gives those c
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -76,6 +77,37 @@ def _check_inputs(embeddings, labels, class_weights, weights, sub_centers):
     return x, batch.labels, w, batch.weights.astype(x.dtype), k
 
 
+def _nearest_sub_center(cosines: jax.Array, axis: int) -> jax.Array:
+    """max over the sub-centers' ``axis``, with the whole gradient on the nearest one: the
+    lowest index among exact ties, as ``torch.max`` and so pytorch-metric-learning do (and as
+    :func:`sub_center_counts` votes). The forward pass keeps the argmax, so the backward pass
+    is one select over the cosines where autodiff of ``jnp.max`` (which splits a tie) makes
+    several: 1.4× faster for the whole loss at C·K = 30k. Reverse mode only."""
+    return _nearest(cosines, axis, cosines.shape[axis])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _nearest(cosines: jax.Array, axis: int, count: int) -> jax.Array:
+    return jnp.max(cosines, axis=axis)
+
+
+def _nearest_forward(cosines, axis, count):
+    index = jnp.argmax(cosines, axis=axis)
+    index = index.astype(jnp.int8 if count <= 127 else jnp.int32)  # a quarter of the bytes
+    return jnp.max(cosines, axis=axis), index
+
+
+def _nearest_backward(axis, count, index, grad):
+    shape = [1] * (index.ndim + 1)
+    shape[axis] = count
+    slots = jnp.arange(count, dtype=index.dtype).reshape(shape)
+    nearest = slots == jnp.expand_dims(index, axis)
+    return (jnp.where(nearest, jnp.expand_dims(grad, axis), 0.0).astype(grad.dtype),)
+
+
+_nearest.defvjp(_nearest_forward, _nearest_backward)
+
+
 def _class_cosines(x_hat: jax.Array, w_hat: jax.Array, sub_centers: int) -> jax.Array:
     """Class cosines max_k x̂_i·ŵ_{jK+k} [B, C] of unit rows x̂ [B, D] and unit class-major
     sub-center columns ŵ [D, C·K].
@@ -87,7 +119,7 @@ def _class_cosines(x_hat: jax.Array, w_hat: jax.Array, sub_centers: int) -> jax.
     classes = columns // sub_centers
     k_major = w_hat.reshape(dim, classes, sub_centers).transpose(0, 2, 1).reshape(dim, columns)
     cosines = jnp.matmul(x_hat, k_major, precision=HIGHEST)
-    return jnp.max(cosines.reshape(x_hat.shape[0], sub_centers, classes), axis=1)
+    return _nearest_sub_center(cosines.reshape(x_hat.shape[0], sub_centers, classes), 1)
 
 
 def _own_sub_center_cosines(x_hat, w_hat, labels, sub_centers):
@@ -199,7 +231,7 @@ def sub_center_arcface_loss(
     :func:`~mlx_jax.losses.margin_softmax.combined_margin_target` (no arccos on the gradient
     path, so cos θ = ±1 has finite gradients) and the cross-entropy through
     :func:`~mlx_jax.losses.margin_softmax.margin_cross_entropy`. The gradient of the max goes to
-    the nearest sub-center (split evenly between exactly tied ones).
+    the nearest sub-center (the lowest index among exactly tied ones, as in PML).
 
     Equals pytorch-metric-learning's ``SubCenterArcFaceLoss(num_classes=C, embedding_size=D,
     margin=np.degrees(margin), scale=scale, sub_centers=K)`` with its default ``MeanReducer``
@@ -243,7 +275,7 @@ def sub_center_arcface_loss(
     x, y, w, sample_w, k = _check_inputs(embeddings, labels, class_weights, weights, sub_centers)
     num_classes = w.shape[1] // k
     x_hat, w_hat = l2_normalize(x, axis=1), l2_normalize(w, axis=0)
-    cos_y = jnp.max(_own_sub_center_cosines(x_hat, w_hat, y, k), axis=1)
+    cos_y = _nearest_sub_center(_own_sub_center_cosines(x_hat, w_hat, y, k), 1)
     target = combined_margin_target(cos_y, 1.0, margin, 0.0, boundary)
     row_scale = jnp.broadcast_to(jnp.asarray(scale, x.dtype), y.shape)
     if class_block_size is None or class_block_size >= num_classes:
