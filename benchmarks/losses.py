@@ -820,6 +820,14 @@ SPECS: tuple[LossSpec, ...] = (
     ),
 )
 SPECS = SPECS + BREADTH_SPECS
+LOSS_GROUPS = {"breadth": tuple(s.name for s in BREADTH_SPECS)}  # --losses shorthands
+
+
+def expand_losses(names: Sequence[str]) -> list[str]:
+    """``--losses`` with each group name (``LOSS_GROUPS``) replaced by its losses, in order."""
+    return [n for name in names for n in LOSS_GROUPS.get(name, (name,))]
+
+
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
 
 
@@ -1321,9 +1329,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--losses",
         nargs="+",
         default=[s.name for s in SPECS],
-        choices=[s.name for s in SPECS],
+        choices=[s.name for s in SPECS] + list(LOSS_GROUPS),
         metavar="LOSS",
-        help="losses to run, from: " + ", ".join(s.name for s in SPECS),
+        help="losses to run, from: "
+        + ", ".join(s.name for s in SPECS)
+        + "; 'breadth' names the last "
+        + str(len(BREADTH_SPECS)),
     )
     p.add_argument(
         "--batch", nargs="+", type=int, default=list(DEFAULT_BATCHES), help="batch sizes B"
@@ -1448,6 +1459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.losses = expand_losses(args.losses)
     _check_args(parser, args)
     try:
         threads = pin_threads(args.threads)

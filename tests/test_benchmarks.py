@@ -109,6 +109,13 @@ def test_class_block_size_computes_the_same_head_losses(tmp_path, report):
         np.testing.assert_allclose(blocked[name], expected[name], rtol=1e-5)
 
 
+def test_breadth_names_the_losses_added_after_the_first_ten():
+    breadth = [spec.name for spec in bench.BREADTH_SPECS]
+    assert len(breadth) == 20 and breadth == ALL_LOSSES[-20:]
+    assert bench.expand_losses(["center", "breadth"]) == ["center", *breadth]
+    assert bench.build_parser().parse_args(["--losses", "breadth"]).losses == ["breadth"]
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
