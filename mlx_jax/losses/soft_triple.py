@@ -75,7 +75,7 @@ def _relaxed_similarity(cosines: jax.Array, gamma, axis: int = -1) -> jax.Array:
 
 # A hand-written VJP: with p_k = softmax_k(cos_k / γ), ∂S'/∂cos_k = p_k·(1 + (cos_k − S')/γ) and
 # ∂S'/∂γ = −Σ_k p_k·(cos_k − S')²/γ², one pass over the [B, K, C] cosines in the backward pass
-# where autodiff of the softmax makes several (1.5× the whole loss's time at C·K = 100k).
+# where autodiff of the softmax makes several (docs/notes.md, speed targets).
 # Reverse mode only: jax.jvp through it raises, as for the margin heads.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _relaxed(cosines: jax.Array, gamma: jax.Array, axis: int) -> jax.Array:
